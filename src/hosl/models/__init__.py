@@ -1,0 +1,1 @@
+"""Models: loading and per-architecture split adapters (see `hosl.models.split`)."""
