@@ -1,0 +1,19 @@
+"""Zeroth-order engine: seeded perturbations applied on use, central differences, updates."""
+
+from hosl.zo.engine import (
+    PerturbedForward,
+    ZoTarget,
+    apply_zo_update_,
+    projected_gradient,
+)
+from hosl.zo.seeds import noise_for, perturbation_seed, tensor_seed
+
+__all__ = [
+    "PerturbedForward",
+    "ZoTarget",
+    "apply_zo_update_",
+    "noise_for",
+    "perturbation_seed",
+    "projected_gradient",
+    "tensor_seed",
+]
