@@ -1,0 +1,1 @@
+"""The five training modes as short explicit step functions over the parties."""

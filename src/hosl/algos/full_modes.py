@@ -1,0 +1,80 @@
+"""Unsplit references: `fo-full` (ordinary fine-tuning) and `zo-full` (plain MeZO).
+
+They train the whole model in one place with the same data, loss and seeds as the split modes, so
+any difference from `fo`/`zo` is the split's doing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from hosl.batching import Batch
+from hosl.models.split import UnsplitPart
+from hosl.parties.state import PartyState
+from hosl.scoring import candidate_scores, classification_loss
+from hosl.zo import (
+    PerturbedForward,
+    ZoTarget,
+    apply_zo_update_,
+    perturbation_seed,
+    projected_gradient,
+)
+
+
+@dataclass
+class FullRunner(PartyState):
+    part: UnsplitPart
+    q: int
+    eps: float
+    zo_lr: Callable[[int], float]
+    run_seed: int
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+
+    def __post_init__(self) -> None:
+        self.part.eval()
+        self.zo = ZoTarget(self.part)
+
+    def _scores(self, batch: Batch) -> torch.Tensor:
+        hidden = self.part(batch.input_ids, batch.attention_mask)  # (S, L, H)
+        return candidate_scores(hidden, self.part.head, batch.spec)  # (B, C)
+
+    def loss(self, batch: Batch) -> torch.Tensor:
+        return classification_loss(self._scores(batch), batch.spec.labels)
+
+    @torch.inference_mode()
+    def scores(self, batch: Batch) -> torch.Tensor:
+        return self._scores(batch).float()
+
+
+def fo_full_step(run: FullRunner, micro_batches: Sequence[Batch], step: int) -> float:
+    losses = []
+    for batch in micro_batches:
+        loss = run.loss(batch)
+        (loss / len(micro_batches)).backward()
+        losses.append(loss.item())
+    run.optimizer_step()
+    return sum(losses) / len(losses)
+
+
+def zo_full_step(run: FullRunner, micro_batches: Sequence[Batch], step: int) -> float:
+    pending: list[tuple[int, float]] = []
+    losses = []
+    for m, batch in enumerate(micro_batches):
+        for q in range(run.q):
+            seed = perturbation_seed(run.run_seed, step, m, q)
+            with torch.inference_mode(), PerturbedForward(run.zo, seed, +run.eps):
+                plus = run.loss(batch).item()
+            with torch.inference_mode(), PerturbedForward(run.zo, seed, -run.eps):
+                minus = run.loss(batch).item()
+            g = projected_gradient(plus, minus, run.eps)
+            pending.append((seed, g / (run.q * len(micro_batches))))
+            losses.append((plus + minus) / 2)
+    apply_zo_update_(run.zo, pending, run.zo_lr(step))
+    return sum(losses) / len(losses)
+
+
+FULL_STEPS = {"fo-full": fo_full_step, "zo-full": zo_full_step}

@@ -1,0 +1,115 @@
+"""Assemble a run from its config: split the model, build the parties, optimizers and transport."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+
+from hosl.algos.full_modes import FULL_STEPS, FullRunner
+from hosl.algos.split_modes import SPLIT_STEPS, SplitRunner
+from hosl.batching import Batch
+from hosl.config import TrainConfig
+from hosl.models.split import split_model, unsplit_model
+from hosl.optim import build_optimizer, build_scheduler, lr_factor
+from hosl.parties.client import ClientParty
+from hosl.parties.server import ServerParty
+from hosl.transport.local import LocalTransport
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Run:
+    """What the training loop drives: one step function and the objects it needs."""
+
+    mode: str
+    runner: SplitRunner | FullRunner
+    step_fn: Callable[[Any, Sequence[Batch], int], float]
+    client: ClientParty | None = None  # split modes
+    server: ServerParty | None = None  # split modes, in-process
+    transport: LocalTransport | None = None
+
+    def train_step(self, micro_batches: Sequence[Batch], step: int) -> float:
+        return self.step_fn(self.runner, micro_batches, step)
+
+    def scores(self, batch: Batch) -> torch.Tensor:
+        return self.runner.scores(batch)
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.client is not None and self.server is not None:
+            return {"client": self.client.state_dict(), "server": self.server.state_dict()}
+        return {"full": self.runner.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.client is not None and self.server is not None:
+            self.client.load_state_dict(state["client"])
+            self.server.load_state_dict(state["server"])
+        else:
+            self.runner.load_state_dict(state["full"])
+
+
+def _fo_optimizer(cfg: TrainConfig, params: Any) -> tuple[Any, Any]:
+    opt = build_optimizer(
+        params,
+        cfg.optim.optimizer,
+        cfg.optim.lr,
+        momentum=cfg.optim.momentum,
+        weight_decay=cfg.optim.weight_decay,
+    )
+    return opt, build_scheduler(opt, cfg.steps, cfg.optim.schedule)
+
+
+def build_run(cfg: TrainConfig, model: PreTrainedModel) -> Run:
+    def zo_lr(step: int) -> float:
+        return cfg.zo.lr * lr_factor(step, cfg.steps, cfg.optim.schedule)
+
+    if cfg.mode in FULL_STEPS:
+        part = unsplit_model(model)
+        opt, sched = (
+            _fo_optimizer(cfg, part.parameters()) if cfg.mode == "fo-full" else (None, None)
+        )
+        runner = FullRunner(
+            part=part,
+            q=cfg.zo.q,
+            eps=cfg.zo.eps,
+            zo_lr=zo_lr,
+            run_seed=cfg.seed,
+            optimizer=opt,
+            scheduler=sched,
+        )
+        return Run(mode=cfg.mode, runner=runner, step_fn=FULL_STEPS[cfg.mode])
+
+    client_part, server_part = split_model(model, cfg.model.split_layer)
+    client_opt, client_sched = (
+        _fo_optimizer(cfg, client_part.parameters()) if cfg.mode == "fo" else (None, None)
+    )
+    server_opt, server_sched = (
+        _fo_optimizer(cfg, server_part.parameters()) if cfg.mode in ("hosl", "fo") else (None, None)
+    )
+    client = ClientParty(client_part, client_opt, client_sched)
+    server = ServerParty(server_part, server_opt, server_sched, grad_accum=cfg.grad_accum)
+    dtype = DTYPES[cfg.model.dtype]
+    transport = LocalTransport(
+        server, wire_dtype=DTYPES[cfg.wire_dtype], client_dtype=dtype, server_dtype=dtype
+    )
+    runner = SplitRunner(
+        client=client,
+        transport=transport,
+        q=cfg.zo.q,
+        eps=cfg.zo.eps,
+        zo_lr=zo_lr,
+        run_seed=cfg.seed,
+        grad_accum=cfg.grad_accum,
+    )
+    return Run(
+        mode=cfg.mode,
+        runner=runner,
+        step_fn=SPLIT_STEPS[cfg.mode],
+        client=client,
+        server=server,
+        transport=transport,
+    )

@@ -1,0 +1,169 @@
+"""`hosl` command line: train, eval, models, memory.
+
+Every user mistake (bad value, unknown key, missing file, unreachable hub) ends with one line on
+stderr and exit status 2, before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from hosl.errors import HoslError
+
+# flag -> dotted config key; the flag's value overrides the YAML file and --set.
+TRAIN_FLAGS: dict[str, tuple[str, type, str]] = {
+    "--mode": ("mode", str, "hosl | fo | zo | fo-full | zo-full"),
+    "--model": ("model.name", str, "alias (smollm2-135m), local directory, .gguf file or hub name"),
+    "--task": ("data.task", str, "rt, sst2, cb, boolq, rte, wic, wsc, multirc, copa"),
+    "--train-file": ("data.train_file", str, "JSONL/CSV training data with the task's fields"),
+    "--eval-file": ("data.eval_file", str, "JSONL/CSV evaluation data with the task's fields"),
+    "--train-examples": ("data.train_examples", int, "training examples sampled (-1: all)"),
+    "--eval-examples": ("data.eval_examples", int, "evaluation examples sampled (-1: all)"),
+    "--split-layer": ("model.split_layer", int, "k: the client holds blocks 0..k-1"),
+    "--q": ("zo.q", int, "ZO perturbation pairs per step"),
+    "--eps": ("zo.eps", float, "ZO perturbation scale"),
+    "--client-lr": ("zo.lr", float, "ZO learning rate (client in hosl/zo, whole model in zo-full)"),
+    "--server-lr": ("optim.lr", float, "FO learning rate (server; client too in fo, fo-full)"),
+    "--optimizer": ("optim.optimizer", str, "FO optimizer: sgd | momentum | adamw"),
+    "--schedule": ("optim.schedule", str, "learning-rate schedule: constant | linear"),
+    "--steps": ("steps", int, "optimizer steps"),
+    "--batch-size": ("batch_size", int, "examples per micro-batch"),
+    "--grad-accum": ("grad_accum", int, "micro-batches per optimizer step"),
+    "--max-length": ("data.max_length", int, "tokens per sequence (prompts truncated on the left)"),
+    "--eval-every": ("eval_every", int, "evaluate every N steps (0: start and end only)"),
+    "--checkpoint-every": ("checkpoint_every", int, "checkpoint every N steps (0: end only)"),
+    "--seed": ("seed", int, "seed for data order, sampling and perturbations"),
+    "--dtype": ("model.dtype", str, "float32 | bfloat16 | float16"),
+    "--wire-dtype": ("wire_dtype", str, "dtype of activations on the wire"),
+    "--output": ("output", str, "run directory"),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"hosl: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _parse_set(items: Sequence[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise HoslError(f"--set expects KEY=VALUE with a dotted key, got {item!r}")
+        out[key.strip()] = value
+    return out
+
+
+def _train_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    overrides = _parse_set(args.set or [])
+    for flag, (key, _, _) in TRAIN_FLAGS.items():
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None:
+            overrides[key] = value
+    return overrides
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from hosl.config import load_config
+    from hosl.trainer import resume_config, train
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise HoslError(f"--resume {run_dir}: not a run directory (no config.yaml)")
+        extra = set(_train_overrides(args)) - {"steps"}
+        if extra or args.config:
+            raise HoslError(
+                "--resume continues a run with its saved config; only --steps may change"
+            )
+        cfg = resume_config(run_dir, args.steps)
+        train(cfg, resume_dir=run_dir, progress=not args.no_progress)
+        return 0
+    cfg = load_config(args.config, _train_overrides(args))
+    train(cfg, progress=not args.no_progress)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from hosl.eval_cmd import run_eval
+
+    result = run_eval(
+        model=args.model,
+        run_dir=Path(args.run) if args.run else None,
+        task=args.task,
+        eval_file=args.eval_file,
+        split_layer=args.split_layer,
+        eval_examples=args.eval_examples,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        seed=args.seed,
+        output=Path(args.output) if args.output else None,
+        dtype=args.dtype,
+    )
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from hosl.models.loading import format_models_table, list_models
+
+    print(format_models_table(list_models()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="hosl", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    train = sub.add_parser("train", help="fine-tune a model (in-process client and server)")
+    train.add_argument("--config", help="YAML config file")
+    train.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="dotted config override, e.g. --set zo.q=4 (repeatable)",
+    )
+    for flag, (_, kind, help_text) in TRAIN_FLAGS.items():
+        train.add_argument(flag, type=kind, help=help_text)
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its checkpoint")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("eval", help="accuracy and predictions.jsonl for a model or a run")
+    ev.add_argument("--model", help="model to evaluate (default: the run's, else smollm2-135m)")
+    ev.add_argument("--run", metavar="RUN_DIR", help="evaluate a trained run's latest checkpoint")
+    ev.add_argument("--task", default=None)
+    ev.add_argument("--eval-file")
+    ev.add_argument("--split-layer", type=int, help="split at k (default: unsplit, or the run's)")
+    ev.add_argument("--eval-examples", type=int, default=None)
+    ev.add_argument("--batch-size", type=int, default=16)
+    ev.add_argument("--max-length", type=int, default=None)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--dtype", default="float32")
+    ev.add_argument("--output", help="directory for predictions.jsonl and eval.json")
+    ev.set_defaults(func=cmd_eval)
+
+    models = sub.add_parser("models", help="list model aliases and what is cached")
+    models.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except HoslError as err:
+        print(f"hosl: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("hosl: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""Run configuration: frozen dataclasses, YAML files, dotted overrides, strict validation.
+
+`hosl train --config run.yaml --set zo.q=4 --q 2`: the YAML file is read first, then `--set`
+dotted overrides, then the explicit flags. Unknown keys are an error, never silently ignored. The
+resolved configuration is written into every run directory as `config.yaml`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hosl.errors import ConfigError
+
+MODES = ("hosl", "fo", "zo", "fo-full", "zo-full")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "smollm2-135m"
+    split_layer: int = 4  # k: the client holds the embeddings and blocks 0..k-1
+    dtype: str = "float32"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    task: str = "rt"
+    train_file: str | None = None
+    eval_file: str | None = None
+    train_examples: int = 1000
+    eval_examples: int = 500
+    eval_split: str = "test"
+    max_length: int = 64
+    padding_side: str = "right"
+
+
+@dataclass(frozen=True)
+class ZoConfig:
+    q: int = 1  # perturbation pairs per step
+    eps: float = 1e-3  # perturbation scale ε
+    lr: float = 1e-6  # client (ZO) learning rate η_c; also the server's in `zo` modes
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    optimizer: str = "adamw"  # FO optimizer of the server (and of the client in `fo`)
+    lr: float = 1e-5  # FO learning rate
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: str = "constant"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    mode: str = "hosl"
+    steps: int = 100
+    batch_size: int = 16
+    grad_accum: int = 1
+    eval_every: int = 0  # 0: evaluate only before and after training
+    checkpoint_every: int = 0  # 0: only at the end
+    log_every: int = 1
+    seed: int = 0
+    output: str | None = None  # run directory; default runs/<mode>-<task>-<time>
+    wire_dtype: str = "float32"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    zo: ZoConfig = field(default_factory=ZoConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Parse a YAML or command-line value into the field's type, or explain why not."""
+    if isinstance(value, str) and hint is not str:
+        if value.lower() in ("null", "none") and type(None) in typing.get_args(hint):
+            return None
+        value = yaml.safe_load(value)
+    base = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    target = base[0]
+    if value is None and type(None) in typing.get_args(hint):
+        return None
+    if target is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if target is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, target) or (target is int and isinstance(value, bool)):
+        raise ConfigError(f"{key}: expected {target.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {prefix}{unknown[0]}; valid keys here: " + ", ".join(sorted(names))
+        )
+    kwargs: dict[str, Any] = {}
+    for name, value in values.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{prefix}{name} must be a mapping of its keys")
+            kwargs[name] = _build(hint, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, hint, prefix + name)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot set {key}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def load_config(
+    path: str | Path | None = None, overrides: dict[str, Any] | None = None
+) -> TrainConfig:
+    """YAML file (optional) + dotted overrides -> validated TrainConfig."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {p} is not valid YAML: {err}".splitlines()[0]) from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of keys")
+        tree = loaded
+    for key, value in (overrides or {}).items():
+        _set_dotted(tree, key, value)
+    cfg = _build(TrainConfig, tree, "")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Check every value whose meaning does not depend on the model (k is checked at split time)."""
+    checks: list[tuple[bool, str]] = [
+        (cfg.mode in MODES, f"mode must be one of {', '.join(MODES)}, got {cfg.mode!r}"),
+        (cfg.steps >= 0, f"steps must be >= 0, got {cfg.steps}"),
+        (cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}"),
+        (cfg.grad_accum >= 1, f"grad_accum must be >= 1, got {cfg.grad_accum}"),
+        (cfg.eval_every >= 0, "eval_every must be >= 0"),
+        (cfg.checkpoint_every >= 0, "checkpoint_every must be >= 0"),
+        (cfg.log_every >= 1, "log_every must be >= 1"),
+        (
+            cfg.zo.q >= 1,
+            f"zo.q (the number of perturbation pairs, --q) must be >= 1, got {cfg.zo.q}",
+        ),
+        (cfg.zo.eps > 0, f"zo.eps (the perturbation scale, --eps) must be > 0, got {cfg.zo.eps}"),
+        (
+            cfg.zo.lr > 0,
+            f"zo.lr (the client learning rate, --client-lr) must be > 0, got {cfg.zo.lr}",
+        ),
+        (
+            cfg.optim.lr > 0,
+            f"optim.lr (the server learning rate, --server-lr) must be > 0, got {cfg.optim.lr}",
+        ),
+        (
+            cfg.optim.optimizer in ("sgd", "momentum", "adamw"),
+            f"optim.optimizer must be sgd, momentum or adamw, got {cfg.optim.optimizer!r}",
+        ),
+        (
+            cfg.optim.schedule in ("constant", "linear"),
+            f"optim.schedule must be constant or linear, got {cfg.optim.schedule!r}",
+        ),
+        (cfg.model.dtype in DTYPES, f"model.dtype must be one of {', '.join(DTYPES)}"),
+        (cfg.wire_dtype in DTYPES, f"wire_dtype must be one of {', '.join(DTYPES)}"),
+        (cfg.model.split_layer >= 0, f"split_layer must be >= 0, got {cfg.model.split_layer}"),
+        (cfg.data.max_length >= 2, "data.max_length must be >= 2"),
+        (cfg.data.padding_side in ("left", "right"), "data.padding_side must be left or right"),
+        (
+            cfg.data.train_examples != 0 and cfg.data.eval_examples != 0,
+            "train_examples and eval_examples must be positive, or -1 for the whole set",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    for key in ("train_file", "eval_file"):
+        value = getattr(cfg.data, key)
+        if value is not None and not Path(value).is_file():
+            raise ConfigError(f"--{key.replace('_', '-')} {value}: no such file")
+
+
+def dump_config(cfg: TrainConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

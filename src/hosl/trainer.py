@@ -1,0 +1,190 @@
+"""The training loop behind `hosl train`: one readable loop for every mode.
+
+    load model and data -> build the run -> evaluate zero-shot -> for each step: micro-batches,
+    one step of the mode, log -> evaluate -> summary.json
+
+Everything a run produces lands in its run directory: config.yaml, metrics.jsonl (one line per
+logged step), predictions.jsonl, checkpoints/, summary.json.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from hosl.batching import collate
+from hosl.build import DTYPES, build_run
+from hosl.checkpoint import load_latest, save_checkpoint
+from hosl.config import TrainConfig, dump_config, load_config
+from hosl.errors import ConfigError
+from hosl.evaluation import evaluate
+from hosl.models.loading import load_pretrained
+from hosl.models.split import num_layers
+from hosl.sampler import step_indices
+from hosl.tasks import load_examples
+
+
+def _examples(cfg: TrainConfig) -> tuple[list, list]:
+    d = cfg.data
+    # -1 asks for a whole split (hosl.tasks.ALL)
+    train = load_examples(d.task, "train", file=d.train_file, n=d.train_examples, seed=cfg.seed)
+    evals = load_examples(d.task, d.eval_split, file=d.eval_file, n=d.eval_examples, seed=cfg.seed)
+    return train, evals
+
+
+def new_run_dir(cfg: TrainConfig) -> Path:
+    if cfg.output:
+        path = Path(cfg.output)
+        if path.exists() and any(path.iterdir()):
+            raise ConfigError(
+                f"run directory {path} is not empty; continue it with "
+                f"--resume {path} or choose another --output"
+            )
+        return path
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{cfg.mode}-{cfg.data.task}-{stamp}"
+
+
+def resume_config(run_dir: Path, steps: int | None) -> TrainConfig:
+    """The saved config of a run, with only `steps` allowed to change (to extend it)."""
+    cfg = load_config(run_dir / "config.yaml")
+    return replace(cfg, steps=steps) if steps is not None else cfg
+
+
+def train(
+    cfg: TrainConfig,
+    *,
+    resume_dir: Path | None = None,
+    progress: bool = True,
+    echo: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = load_pretrained(cfg.model.name, dtype=DTYPES[cfg.model.dtype])
+    if cfg.mode not in ("fo-full", "zo-full"):
+        n_layers = num_layers(model)
+        if not 0 <= cfg.model.split_layer <= n_layers:
+            raise ConfigError(
+                f"split_layer must be between 0 and {n_layers} for "
+                f"{cfg.model.name}, got {cfg.model.split_layer}"
+            )
+    train_set, eval_set = _examples(cfg)
+    run = build_run(cfg, model)
+    run_dir = resume_dir or new_run_dir(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
+
+    def batches(step: int) -> list:
+        idx = step_indices(len(train_set), step, cfg.batch_size, cfg.grad_accum, cfg.seed)
+        return [
+            collate(
+                [train_set[i] for i in micro], tokenizer, cfg.data.max_length, cfg.data.padding_side
+            )
+            for micro in idx
+        ]
+
+    def accuracy(predictions: Path | None = None) -> float:
+        return evaluate(
+            run.scores,
+            eval_set,
+            tokenizer,
+            batch_size=cfg.batch_size,
+            max_length=cfg.data.max_length,
+            padding_side=cfg.data.padding_side,
+            predictions_path=predictions,
+        )
+
+    start, elapsed, meta = 0, 0.0, {}
+    if resume_dir is not None and (loaded := load_latest(run_dir)) is not None:
+        start, state, meta = loaded
+        run.load_state_dict(state)
+        elapsed = float(meta.get("wall_seconds", 0.0))
+        if run.transport is not None:
+            run.transport.stats.load(meta.get("wire", {}))
+        echo(f"resumed {run_dir} at step {start}")
+    zero_shot = meta.get("zero_shot_accuracy")
+    if zero_shot is None:
+        zero_shot = accuracy()
+        echo(f"zero-shot accuracy: {zero_shot:.4f} on {len(eval_set)} examples")
+
+    def checkpoint(step: int) -> None:
+        wire = run.transport.stats.dump() if run.transport is not None else {}
+        save_checkpoint(
+            run_dir,
+            step,
+            run.state_dict(),
+            {
+                "wall_seconds": elapsed + time.perf_counter() - t0,
+                "wire": wire,
+                "zero_shot_accuracy": zero_shot,
+            },
+        )
+
+    t0 = time.perf_counter()
+
+    def log(record: dict[str, Any]) -> None:
+        # append and close per line: a crash never loses a logged step
+        with open(run_dir / "metrics.jsonl", "a") as metrics:
+            metrics.write(json.dumps(record) + "\n")
+
+    bar = tqdm(
+        range(start, cfg.steps),
+        initial=start,
+        total=cfg.steps,
+        disable=not progress,
+        desc=f"{cfg.mode} k={cfg.model.split_layer}",
+        unit="step",
+    )
+    loss = float("nan")
+    for step in bar:
+        loss = run.train_step(batches(step), step)
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            line = {"step": done, "loss": loss, "wall_seconds": elapsed + time.perf_counter() - t0}
+            log(line)
+            bar.set_postfix(loss=f"{loss:.4f}")
+        if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
+            acc = accuracy()
+            log({"step": done, "eval_accuracy": acc})
+            echo(f"step {done}: eval accuracy {acc:.4f}")
+        if cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
+            checkpoint(done)
+    bar.close()
+    train_seconds = time.perf_counter() - t0
+    checkpoint(cfg.steps)
+    final = accuracy(run_dir / "predictions.jsonl")
+    log({"step": cfg.steps, "eval_accuracy": final})
+
+    steps_run = cfg.steps - start
+    stats = run.transport.stats if run.transport is not None else None
+    summary = {
+        "mode": cfg.mode,
+        "model": cfg.model.name,
+        "task": cfg.data.task,
+        "split_layer": None if cfg.mode.endswith("-full") else cfg.model.split_layer,
+        "q": cfg.zo.q,
+        "steps": cfg.steps,
+        "batch_size": cfg.batch_size,
+        "eval_examples": len(eval_set),
+        "zero_shot_accuracy": zero_shot,
+        "eval_accuracy": final,
+        "final_loss": loss,
+        "client_peak_bytes": None,
+        "server_peak_bytes": None,
+        "wire_bytes": stats.train.wire_bytes if stats else 0,
+        "round_trips": stats.train.round_trips if stats else 0,
+        "eval_wire_bytes": stats.eval.wire_bytes if stats else 0,
+        "eval_round_trips": stats.eval.round_trips if stats else 0,
+        "wall_seconds": elapsed + train_seconds,
+        "seconds_per_step": train_seconds / steps_run if steps_run else None,
+        "run_dir": str(run_dir),
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    echo(f"accuracy: zero-shot {zero_shot:.4f} -> final {final:.4f}; run directory {run_dir}")
+    return summary

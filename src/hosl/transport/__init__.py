@@ -1,0 +1,1 @@
+"""How the client reaches the server: one interface, in-process and network implementations."""

@@ -1,0 +1,138 @@
+"""Messages as bytes: a JSON header plus raw tensor bytes. No pickle, ever.
+
+Layout: b"HOSL" | u32 header length | JSON header | payload. The header names the message kind,
+its scalars, and for each tensor its dtype, shape, offset and byte count. Every size is checked
+against the buffer and the limits before anything is allocated, so a malformed or hostile message
+fails with `CodecError` instead of allocating gigabytes or reading out of bounds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+MAGIC = b"HOSL"
+_PREFIX = struct.Struct("<4sI")
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+
+class CodecError(ValueError):
+    """A message that is malformed or exceeds the limits."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_message_bytes: int = 1 << 31  # 2 GiB
+    max_header_bytes: int = 1 << 20  # 1 MiB of JSON
+    max_tensors: int = 4096
+    max_dims: int = 8
+
+
+def _tensor_bytes(t: Tensor) -> bytes:
+    flat = t.detach().contiguous().reshape(-1)  # handles 0-d and non-contiguous tensors
+    if flat.numel() == 0:
+        return b""
+    return flat.view(torch.uint8).cpu().numpy().tobytes()
+
+
+def encode(kind: str, scalars: dict[str, Any], tensors: dict[str, Tensor]) -> bytes:
+    """Serialise one message. Scalars must be JSON values (numbers, strings, lists, dicts)."""
+    metas, blobs, offset = [], [], 0
+    for name, t in tensors.items():
+        if t.dtype not in _NAMES:
+            raise CodecError(f"tensor {name!r} has unsupported dtype {t.dtype}")
+        blob = _tensor_bytes(t)
+        metas.append(
+            {
+                "name": name,
+                "dtype": _NAMES[t.dtype],
+                "shape": list(t.shape),
+                "offset": offset,
+                "nbytes": len(blob),
+            }
+        )
+        blobs.append(blob)
+        offset += len(blob)
+    header = json.dumps(
+        {"kind": kind, "scalars": scalars, "tensors": metas}, separators=(",", ":")
+    ).encode()
+    return b"".join([_PREFIX.pack(MAGIC, len(header)), header, *blobs])
+
+
+def _check_meta(meta: Any, payload_len: int, limits: Limits) -> tuple[str, torch.dtype, list[int]]:
+    if not isinstance(meta, dict):
+        raise CodecError("tensor entry is not an object")
+    name, dtype_name, shape = meta.get("name"), meta.get("dtype"), meta.get("shape")
+    offset, nbytes = meta.get("offset"), meta.get("nbytes")
+    if not isinstance(name, str) or dtype_name not in DTYPES:
+        raise CodecError(f"bad tensor name or dtype: {name!r} {dtype_name!r}")
+    if (
+        not isinstance(shape, list)
+        or len(shape) > limits.max_dims
+        or not all(isinstance(d, int) and d >= 0 for d in shape)
+    ):
+        raise CodecError(f"tensor {name!r} has a bad shape {shape!r}")
+    if not isinstance(offset, int) or not isinstance(nbytes, int) or offset < 0 or nbytes < 0:
+        raise CodecError(f"tensor {name!r} has a bad offset or size")
+    dtype = DTYPES[dtype_name]
+    expected = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if expected != nbytes or offset + nbytes > payload_len:
+        raise CodecError(f"tensor {name!r}: {nbytes} bytes at {offset} do not fit shape {shape}")
+    return name, dtype, shape
+
+
+def decode(
+    buf: bytes, limits: Limits | None = None
+) -> tuple[str, dict[str, Any], dict[str, Tensor]]:
+    """Parse one message; raises CodecError on anything malformed or over the limits."""
+    limits = limits or Limits()
+    if len(buf) > limits.max_message_bytes:
+        raise CodecError(f"message of {len(buf)} bytes exceeds {limits.max_message_bytes}")
+    if len(buf) < _PREFIX.size:
+        raise CodecError("message shorter than its prefix")
+    magic, header_len = _PREFIX.unpack_from(buf)
+    if (
+        magic != MAGIC
+        or header_len > limits.max_header_bytes
+        or _PREFIX.size + header_len > len(buf)
+    ):
+        raise CodecError("bad magic or header length")
+    try:
+        header = json.loads(buf[_PREFIX.size : _PREFIX.size + header_len])
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CodecError(f"header is not valid JSON: {err}") from None
+    if not isinstance(header, dict) or not isinstance(header.get("kind"), str):
+        raise CodecError("header has no message kind")
+    metas = header.get("tensors", [])
+    if not isinstance(metas, list) or len(metas) > limits.max_tensors:
+        raise CodecError("bad tensor list")
+    payload = memoryview(buf)[_PREFIX.size + header_len :]
+    tensors: dict[str, Tensor] = {}
+    for meta in metas:
+        name, dtype, shape = _check_meta(meta, len(payload), limits)
+        start, nbytes = meta["offset"], meta["nbytes"]
+        if nbytes == 0:
+            tensors[name] = torch.empty(shape, dtype=dtype)
+            continue
+        raw = torch.frombuffer(bytearray(payload[start : start + nbytes]), dtype=torch.uint8)
+        tensors[name] = raw.view(dtype).reshape(shape)
+    scalars = header.get("scalars", {})
+    if not isinstance(scalars, dict):
+        raise CodecError("scalars must be an object")
+    return header["kind"], scalars, tensors

@@ -1,0 +1,184 @@
+"""What the client and the server say to each other, and how each message becomes bytes.
+
+Each message is a small dataclass. `to_bytes`/`from_bytes` walk its fields generically: tensors
+travel as raw frames, lists of tensors as numbered frames, nested dataclasses with a dotted
+prefix, everything else as JSON scalars. Hidden states are cast to the wire dtype on the way out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from hosl.batching import ScoreSpec
+from hosl.transport.codec import CodecError, Limits, decode, encode
+
+
+@dataclass
+class CutBatch:
+    """Everything the server needs about a batch except the hidden states: no raw text."""
+
+    attention_mask: Tensor  # (S, L) long
+    position_ids: Tensor  # (S, L) long
+    spec: ScoreSpec
+
+
+@dataclass
+class HoslStepRequest:
+    """One HOSL step's traffic: 2Q perturbed activations and the clean one, sent together."""
+
+    step: int
+    micro: int
+    update: bool  # the last micro-batch of the step: the server steps its optimizer
+    batch: CutBatch
+    perturbed: list[Tensor]  # 2Q × (S, L, H): h⁺₁, h⁻₁, h⁺₂, h⁻₂, ...
+    clean: Tensor  # (S, L, H) at the unperturbed client parameters
+
+
+@dataclass
+class HoslStepReply:
+    losses: list[float]  # 2Q losses at the server's parameters before its update
+    loss: float  # the clean loss the server trained on
+
+
+@dataclass
+class FoStepRequest:
+    step: int
+    micro: int
+    update: bool
+    batch: CutBatch
+    hidden: Tensor  # (S, L, H)
+
+
+@dataclass
+class FoStepReply:
+    loss: float
+    grad: Tensor  # (S, L, H): ∂L/∂h for the client's backward
+
+
+@dataclass
+class ZoStepRequest:
+    """ZO-ZO: the server perturbs its own parameters with the same seeds as the client."""
+
+    step: int
+    micro: int
+    update: bool
+    lr: float
+    eps: float
+    seeds: list[int]  # Q seeds
+    batch: CutBatch
+    perturbed: list[Tensor]  # 2Q × (S, L, H), same order as HoslStepRequest
+
+
+@dataclass
+class ZoStepReply:
+    losses: list[float]  # 2Q
+    grads: list[float]  # Q projected gradients, each averaged by the server the same way
+
+
+@dataclass
+class EvalRequest:
+    batch: CutBatch
+    hidden: Tensor  # (S, L, H)
+
+
+@dataclass
+class EvalReply:
+    scores: Tensor  # (B, C) per-candidate mean log-probabilities
+
+
+MESSAGES: dict[str, type] = {
+    cls.__name__: cls
+    for cls in (
+        HoslStepRequest,
+        HoslStepReply,
+        FoStepRequest,
+        FoStepReply,
+        ZoStepRequest,
+        ZoStepReply,
+        EvalRequest,
+        EvalReply,
+    )
+}
+_NESTED = (CutBatch, ScoreSpec)
+_HIDDEN_FIELDS = {"perturbed", "clean", "hidden", "grad"}
+
+
+def _flatten(
+    obj: Any,
+    prefix: str,
+    wire_dtype: torch.dtype,
+    scalars: dict[str, Any],
+    tensors: dict[str, Tensor],
+) -> None:
+    for field in dataclasses.fields(obj):
+        key, value = prefix + field.name, getattr(obj, field.name)
+        cast = field.name in _HIDDEN_FIELDS
+        if isinstance(value, Tensor):
+            tensors[key] = value.to(wire_dtype) if cast else value
+        elif isinstance(value, list) and value and isinstance(value[0], Tensor):
+            scalars[key + "#"] = len(value)
+            for i, t in enumerate(value):
+                tensors[f"{key}.{i}"] = t.to(wire_dtype) if cast else t
+        elif isinstance(value, _NESTED):
+            _flatten(value, key + ".", wire_dtype, scalars, tensors)
+        else:
+            scalars[key] = value
+
+
+def _build(
+    cls: type,
+    prefix: str,
+    scalars: dict[str, Any],
+    tensors: dict[str, Tensor],
+    compute_dtype: torch.dtype,
+) -> Any:
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for field in dataclasses.fields(cls):
+        key, hint = prefix + field.name, hints[field.name]
+        cast = field.name in _HIDDEN_FIELDS
+        if hint is Tensor:
+            if key not in tensors:
+                raise CodecError(f"{cls.__name__} lacks tensor {key!r}")
+            values[field.name] = tensors[key].to(compute_dtype) if cast else tensors[key]
+        elif hint == list[Tensor]:
+            count = scalars.get(key + "#", 0)
+            if not isinstance(count, int) or any(f"{key}.{i}" not in tensors for i in range(count)):
+                raise CodecError(f"{cls.__name__} has a broken tensor list {key!r}")
+            values[field.name] = [
+                tensors[f"{key}.{i}"].to(compute_dtype) if cast else tensors[f"{key}.{i}"]
+                for i in range(count)
+            ]
+        elif hint in _NESTED:
+            values[field.name] = _build(hint, key + ".", scalars, tensors, compute_dtype)
+        else:
+            if key not in scalars:
+                raise CodecError(f"{cls.__name__} lacks field {key!r}")
+            values[field.name] = scalars[key]
+    return cls(**values)
+
+
+def to_bytes(message: Any, wire_dtype: torch.dtype = torch.float32) -> bytes:
+    scalars: dict[str, Any] = {}
+    tensors: dict[str, Tensor] = {}
+    _flatten(message, "", wire_dtype, scalars, tensors)
+    return encode(type(message).__name__, scalars, tensors)
+
+
+def from_bytes(
+    buf: bytes, compute_dtype: torch.dtype = torch.float32, limits: Limits | None = None
+) -> Any:
+    kind, scalars, tensors = decode(buf, limits)
+    cls = MESSAGES.get(kind)
+    if cls is None:
+        raise CodecError(f"unknown message kind {kind!r}")
+    try:
+        return _build(cls, "", scalars, tensors, compute_dtype)
+    except TypeError as err:
+        raise CodecError(f"{kind}: {err}") from None
