@@ -44,6 +44,12 @@ class Run:
             return {"client": self.client.state_dict(), "server": self.server.state_dict()}
         return {"full": self.runner.state_dict()}
 
+    def parties(self) -> dict[str, Any]:
+        """The parties whose memory is measured; an unsplit run is one party, the client."""
+        if self.client is not None and self.server is not None:
+            return {"client": self.client, "server": self.server}
+        return {"client": self.runner}
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.client is not None and self.server is not None:
             self.client.load_state_dict(state["client"])

@@ -25,6 +25,7 @@ from hosl.checkpoint import load_latest, save_checkpoint
 from hosl.config import TrainConfig, dump_config, load_config
 from hosl.errors import ConfigError
 from hosl.evaluation import evaluate
+from hosl.memory.measure import peak_rss_bytes
 from hosl.models.loading import load_pretrained
 from hosl.models.split import num_layers
 from hosl.sampler import step_indices
@@ -142,7 +143,11 @@ def train(
         unit="step",
     )
     loss = float("nan")
+    meters = {name: party.start_metering(name) for name, party in run.parties().items()}
     for step in bar:
+        if step == start + cfg.memory_steps:
+            for party in run.parties().values():
+                party.stop_metering()  # peaks repeat every step; tracking costs time per op
         loss = run.train_step(batches(step), step)
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
@@ -175,8 +180,11 @@ def train(
         "zero_shot_accuracy": zero_shot,
         "eval_accuracy": final,
         "final_loss": loss,
-        "client_peak_bytes": None,
-        "server_peak_bytes": None,
+        "client_peak_bytes": meters["client"].peak_bytes,
+        "server_peak_bytes": meters["server"].peak_bytes if "server" in meters else None,
+        "client_phase_peaks": meters["client"].phase_peaks(),
+        "server_phase_peaks": meters["server"].phase_peaks() if "server" in meters else None,
+        "peak_rss_bytes": peak_rss_bytes(),
         "wire_bytes": stats.train.wire_bytes if stats else 0,
         "round_trips": stats.train.round_trips if stats else 0,
         "eval_wire_bytes": stats.eval.wire_bytes if stats else 0,
@@ -186,5 +194,19 @@ def train(
         "run_dir": str(run_dir),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    echo(f"accuracy: zero-shot {zero_shot:.4f} -> final {final:.4f}; run directory {run_dir}")
+    echo(f"accuracy: zero-shot {zero_shot:.4f} -> final {final:.4f}")
+    echo(memory_line(summary))
+    echo(f"run directory: {run_dir}")
     return summary
+
+
+def _mb(nbytes: int | None) -> str:
+    return "-" if nbytes is None else f"{nbytes / 2**20:,.1f} MiB"
+
+
+def memory_line(summary: dict[str, Any]) -> str:
+    if summary["server_peak_bytes"] is None:
+        return f"peak memory (one party, unsplit): {_mb(summary['client_peak_bytes'])}"
+    return (f"peak memory: client {_mb(summary['client_peak_bytes'])}, "
+            f"server {_mb(summary['server_peak_bytes'])} (live tensor bytes per party; "
+            f"process RSS {_mb(summary['peak_rss_bytes'])})")
