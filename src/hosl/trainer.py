@@ -108,6 +108,7 @@ def train(
         elapsed = float(meta.get("wall_seconds", 0.0))
         if run.transport is not None:
             run.transport.stats.load(meta.get("wire", {}))
+        _trim_metrics(run_dir / "metrics.jsonl", start)  # steps after the checkpoint rerun
         echo(f"resumed {run_dir} at step {start}")
     zero_shot = meta.get("zero_shot_accuracy")
     if zero_shot is None:
@@ -144,11 +145,15 @@ def train(
     )
     loss = float("nan")
     meters = {name: party.start_metering(name) for name, party in run.parties().items()}
+    step_times: dict[bool, list[float]] = {True: [], False: []}  # metered? -> seconds per step
     for step in bar:
+        metered = step < start + cfg.memory_steps
         if step == start + cfg.memory_steps:
             for party in run.parties().values():
                 party.stop_metering()  # peaks repeat every step; tracking costs time per op
+        tick = time.perf_counter()
         loss = run.train_step(batches(step), step)
+        step_times[metered].append(time.perf_counter() - tick)
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
             line = {"step": done, "loss": loss, "wall_seconds": elapsed + time.perf_counter() - t0}
@@ -166,8 +171,10 @@ def train(
     final = accuracy(run_dir / "predictions.jsonl")
     log({"step": cfg.steps, "eval_accuracy": final})
 
-    steps_run = cfg.steps - start
     stats = run.transport.stats if run.transport is not None else None
+    # Steady-state step time: the metered steps are slower (tracking costs time on every op).
+    plain, metered_times = step_times[False], step_times[True]
+    timed = plain or metered_times
     summary = {
         "mode": cfg.mode,
         "model": cfg.model.name,
@@ -176,7 +183,10 @@ def train(
         "q": cfg.zo.q,
         "steps": cfg.steps,
         "batch_size": cfg.batch_size,
+        "seed": cfg.seed,
         "eval_examples": len(eval_set),
+        "client_params": _param_count(run.parties()["client"].part),
+        "server_params": _param_count(run.server.part) if run.server is not None else None,
         "zero_shot_accuracy": zero_shot,
         "eval_accuracy": final,
         "final_loss": loss,
@@ -190,7 +200,10 @@ def train(
         "eval_wire_bytes": stats.eval.wire_bytes if stats else 0,
         "eval_round_trips": stats.eval.round_trips if stats else 0,
         "wall_seconds": elapsed + train_seconds,
-        "seconds_per_step": train_seconds / steps_run if steps_run else None,
+        "seconds_per_step": sum(timed) / len(timed) if timed else None,
+        "seconds_per_metered_step": (
+            sum(metered_times) / len(metered_times) if metered_times else None
+        ),
         "run_dir": str(run_dir),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -210,3 +223,16 @@ def memory_line(summary: dict[str, Any]) -> str:
     return (f"peak memory: client {_mb(summary['client_peak_bytes'])}, "
             f"server {_mb(summary['server_peak_bytes'])} (live tensor bytes per party; "
             f"process RSS {_mb(summary['peak_rss_bytes'])})")
+
+
+def _param_count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _trim_metrics(path: Path, last_step: int) -> None:
+    """Drop lines logged after the checkpoint a run resumes from: those steps run again."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    path.write_text("".join(line + "\n" for line in kept))
