@@ -150,10 +150,6 @@ class RemoteSession:
     echo: Callable[[str], None] = print
     on_replayed: Callable[[int, float], None] = lambda step, loss: None
 
-    def connect(self, at_step: int) -> int:
-        committed = self.transport.connect()
-        return self.resync(at_step, committed)
-
     def resync(self, at_step: int, committed: int) -> int:
         """Bring the client from `at_step` to the server's `committed` step; returns it."""
         self.transport.committed = committed

@@ -176,7 +176,7 @@ def serve(
         futures.ThreadPoolExecutor(max_workers=8),
         handlers=[SplitServicer(state).handler()],
         interceptors=interceptors,
-        options=grpc_options(),
+        options=grpc_options(server=True),
         maximum_concurrent_rpcs=16,
     )
     address = f"{opts.host}:{opts.port}"

@@ -80,15 +80,20 @@ def train(
                 f"{cfg.model.name}, got {cfg.model.split_layer}"
             )
     train_set, eval_set = _examples(cfg)
-    transport = make_transport(cfg, model, remote) if remote is not None else None
-    run = build_run(cfg, model, transport)
-    del model  # the parts hold what they need; a remote client keeps only its own part
-    run_dir = resume_dir or new_run_dir(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    transport = None
     try:
-        return _train_loop(cfg, run, run_dir, resume_dir, tokenizer, train_set, eval_set,
-                           transport, progress, echo)
+        if remote is not None:
+            transport = make_transport(cfg, model, remote)
+            transport.connect()  # a refused token or handshake fails here, before any file
+        run = build_run(cfg, model, transport)
+        del model  # the parts hold what they need; a remote client keeps only its own part
+        run_dir = resume_dir or new_run_dir(cfg)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(dump_config(cfg))
+        return _train_loop(
+            cfg, run, run_dir, resume_dir, tokenizer, train_set, eval_set, transport, progress,
+            echo,
+        )
     finally:
         if transport is not None:
             transport.close()
@@ -166,7 +171,7 @@ def _train_loop(
                 {"step": step + 1, "loss": loss, "replayed": True}
             ),
         )
-        start = session.connect(start)
+        start = session.resync(start, transport.committed)
         echo(f"connected to {transport.address}; training from step {start}")
     zero_shot = meta.get("zero_shot_accuracy")
     if zero_shot is None and start == 0:

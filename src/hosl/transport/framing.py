@@ -28,17 +28,33 @@ DEFAULT_FRAME_LIMIT = 1 << 30  # the largest reassembled frame a receiver accept
 WHOLE, MORE, LAST = 0, 1, 2
 
 
-def grpc_options(frame_limit: int = GRPC_MESSAGE_LIMIT) -> list[tuple[str, int]]:
+def grpc_options(
+    frame_limit: int = GRPC_MESSAGE_LIMIT, *, server: bool = False
+) -> list[tuple[str, int]]:
     """Channel/server options, set deliberately instead of relying on gRPC's defaults
     (4 MB receive, unlimited send): one hosl chunk fits, anything larger is refused by gRPC
-    itself before hosl sees it. Keepalive pings notice a peer that vanished without closing."""
-    return [
+    itself before hosl sees it.
+
+    Keepalive pings notice a peer that vanished without closing. A step can compute for minutes
+    with no data on the stream, so the server must accept the client's pings during that time:
+    by default it answers more than two pings without data with GOAWAY ("too_many_pings").
+    """
+    limits = [
         ("grpc.max_send_message_length", frame_limit),
         ("grpc.max_receive_message_length", frame_limit),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+    if server:
+        return limits + [
+            ("grpc.keepalive_time_ms", 60_000),
+            ("grpc.keepalive_timeout_ms", 20_000),
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+            ("grpc.http2.max_ping_strikes", 0),  # 0: never punish pings at that rate
+        ]
+    return limits + [
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.keepalive_timeout_ms", 10_000),
-        ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.http2.max_pings_without_data", 0),  # 0: keep pinging while a step computes
     ]
 
 
