@@ -83,8 +83,11 @@ def test_train_writes_the_run_directory(tiny_model_dir, sentiment_files, tmp_pat
     ):
         assert key in summary
     assert summary["mode"] == mode and summary["steps"] == 3
+    assert summary["client_peak_bytes"] > 0
     if mode in ("hosl", "fo", "zo"):
         assert summary["round_trips"] == 3 and summary["wire_bytes"] > 0
+        assert summary["server_peak_bytes"] > 0
+        assert "zo_estimate" in summary["client_phase_peaks"] or mode == "fo"
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines if "loss" in x] == [1, 2, 3]
     assert [x["step"] for x in lines if "eval_accuracy" in x] == [2, 3]

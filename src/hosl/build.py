@@ -48,6 +48,16 @@ class Run:
             state["server"] = self.server.state_dict()
         return state
 
+    def parties(self) -> dict[str, Any]:
+        """The parties whose memory is measured here; an unsplit run is one party, the client,
+        and a client of a remote server measures only itself."""
+        if self.client is None:
+            return {"client": self.runner}
+        parties: dict[str, Any] = {"client": self.client}
+        if self.server is not None:
+            parties["server"] = self.server
+        return parties
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.client is None:
             self.runner.load_state_dict(state["full"])

@@ -172,6 +172,17 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_memory(args: argparse.Namespace) -> int:
+    from hosl.memory.report import run_memory_command
+
+    print(run_memory_command(
+        model=args.model, split_layer=args.split_layer, batch_size=args.batch_size,
+        max_length=args.max_length, mode=args.mode, dtype=args.dtype, optimizer=args.optimizer,
+        logits=args.logits, q=args.q, as_json=args.json,
+    ))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="hosl", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -216,6 +227,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = sub.add_parser("models", help="list model aliases and what is cached")
     models.set_defaults(func=cmd_models)
+
+    mem = sub.add_parser("memory", help="analytic per-party memory: components and totals")
+    mem.add_argument("--model", default="smollm2-135m",
+                     help="built-in config (opt-125m, opt-1.3b, smollm2-135m), model directory "
+                     "or config.json")
+    mem.add_argument("--split-layer", type=int, default=None, help="k (required for split modes)")
+    mem.add_argument("--batch-size", type=int, default=16)
+    mem.add_argument("--max-length", type=int, default=64)
+    mem.add_argument("--mode", default="hosl", help="hosl, fo, zo, fo-full, zo-full, inference")
+    mem.add_argument("--dtype", default="float32")
+    mem.add_argument("--optimizer", default="adamw", help="sgd | momentum | adamw")
+    mem.add_argument("--logits", default="scored", choices=["scored", "full"],
+                     help="full: what a server that materialises (B x L x V) logits needs")
+    mem.add_argument("--q", type=int, default=1)
+    mem.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    mem.set_defaults(func=cmd_memory)
     return parser
 
 

@@ -65,6 +65,7 @@ class TrainConfig:
     eval_every: int = 0  # 0: evaluate only before and after training
     checkpoint_every: int = 0  # 0: only at the end
     log_every: int = 1
+    memory_steps: int = 3         # steps whose per-party memory is measured (peaks are per step)
     seed: int = 0
     output: str | None = None  # run directory; default runs/<mode>-<task>-<time>
     wire_dtype: str = "float32"
@@ -160,6 +161,7 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.eval_every >= 0, "eval_every must be >= 0"),
         (cfg.checkpoint_every >= 0, "checkpoint_every must be >= 0"),
         (cfg.log_every >= 1, "log_every must be >= 1"),
+        (cfg.memory_steps >= 0, "memory_steps must be >= 0"),
         (
             cfg.zo.q >= 1,
             f"zo.q (the number of perturbation pairs, --q) must be >= 1, got {cfg.zo.q}",

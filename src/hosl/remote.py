@@ -153,6 +153,9 @@ class RemoteSession:
     def resync(self, at_step: int, committed: int) -> int:
         """Bring the client from `at_step` to the server's `committed` step; returns it."""
         self.transport.committed = committed
+        client = self.run.client
+        assert client is not None
+        client.part.zero_grad(set_to_none=True)  # an fo step cut short left gradients behind
         if committed == at_step:
             return committed
         base = at_step if at_step < committed else self._restore(committed)

@@ -25,6 +25,7 @@ from hosl.checkpoint import load_latest, save_checkpoint
 from hosl.config import TrainConfig, dump_config, load_config
 from hosl.errors import ConfigError
 from hosl.evaluation import evaluate
+from hosl.memory.measure import peak_rss_bytes
 from hosl.models.loading import load_pretrained
 from hosl.models.split import num_layers
 from hosl.remote import RemoteOptions, RemoteSession, make_transport
@@ -201,10 +202,14 @@ def _train_loop(
         unit="step",
     )
     loss = float("nan")
+    meters = {name: party.start_metering(name) for name, party in run.parties().items()}
     step, final, train_seconds = start, None, 0.0
     while final is None:
         try:
             while step < cfg.steps:
+                if step == start + cfg.memory_steps:
+                    for party in run.parties().values():
+                        party.stop_metering()  # peaks repeat every step; tracking costs time
                 loss = run.train_step(batches(step), step)
                 done = step = step + 1
                 bar.update(1)
@@ -249,8 +254,11 @@ def _train_loop(
         "zero_shot_accuracy": zero_shot,
         "eval_accuracy": final,
         "final_loss": loss,
-        "client_peak_bytes": None,
-        "server_peak_bytes": None,
+        "client_peak_bytes": meters["client"].peak_bytes,
+        "server_peak_bytes": meters["server"].peak_bytes if "server" in meters else None,
+        "client_phase_peaks": meters["client"].phase_peaks(),
+        "server_phase_peaks": meters["server"].phase_peaks() if "server" in meters else None,
+        "peak_rss_bytes": peak_rss_bytes(),
         "wire_bytes": stats.train.wire_bytes if stats else 0,
         "round_trips": stats.train.round_trips if stats else 0,
         "eval_wire_bytes": stats.eval.wire_bytes if stats else 0,
@@ -263,5 +271,23 @@ def _train_loop(
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     shot = "n/a" if zero_shot is None else f"{zero_shot:.4f}"
-    echo(f"accuracy: zero-shot {shot} -> final {final:.4f}; run directory {run_dir}")
+    echo(f"accuracy: zero-shot {shot} -> final {final:.4f}")
+    echo(memory_line(summary))
+    echo(f"run directory: {run_dir}")
     return summary
+
+
+def _mb(nbytes: int | None) -> str:
+    return "-" if nbytes is None else f"{nbytes / 2**20:,.1f} MiB"
+
+
+def memory_line(summary: dict[str, Any]) -> str:
+    if summary.get("server"):
+        return (f"peak memory: client {_mb(summary['client_peak_bytes'])} (live tensor bytes; "
+                f"the server's are its own process's; process RSS "
+                f"{_mb(summary['peak_rss_bytes'])})")
+    if summary["server_peak_bytes"] is None:
+        return f"peak memory (one party, unsplit): {_mb(summary['client_peak_bytes'])}"
+    return (f"peak memory: client {_mb(summary['client_peak_bytes'])}, "
+            f"server {_mb(summary['server_peak_bytes'])} (live tensor bytes per party; "
+            f"process RSS {_mb(summary['peak_rss_bytes'])})")

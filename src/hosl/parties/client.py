@@ -63,8 +63,9 @@ class ClientParty(PartyState):
     def activations(self, batch: Batch, seed: int | None = None, scale: float = 0.0) -> Activations:
         """h = f_c(x) at θ_c, or at θ_c + scale·z(seed) when a seed is given."""
         if seed is None:
-            return self.part(batch.input_ids, batch.attention_mask)
-        with PerturbedForward(self.zo, seed, scale):
+            with self.phase("forward"):
+                return self.part(batch.input_ids, batch.attention_mask)
+        with self.phase("zo_estimate"), PerturbedForward(self.zo, seed, scale):
             return self.part(batch.input_ids, batch.attention_mask)
 
     def perturbed_pairs(
@@ -83,13 +84,16 @@ class ClientParty(PartyState):
         return hidden
 
     def apply_zo(self, seeds_and_coefs: Sequence[tuple[int, float]], lr: float) -> None:
-        apply_zo_update_(self.zo, seeds_and_coefs, lr)
+        with self.phase("update"):
+            apply_zo_update_(self.zo, seeds_and_coefs, lr)
 
     # First-order split (mode `fo`) -------------------------------------------------------------
 
     def forward_with_graph(self, batch: Batch) -> Activations:
-        return self.part(batch.input_ids, batch.attention_mask)
+        with self.phase("forward"):
+            return self.part(batch.input_ids, batch.attention_mask)
 
     def backward(self, acts: Activations, grad_hidden: Tensor) -> None:
         """Finish backpropagation through the client from ∂L/∂h (accumulates into .grad)."""
-        acts.hidden.backward(grad_hidden.to(acts.hidden.dtype))
+        with self.phase("backward"):
+            acts.hidden.backward(grad_hidden.to(acts.hidden.dtype))

@@ -48,16 +48,18 @@ class ServerParty(PartyState):
 
     @torch.inference_mode()
     def _loss(self, hidden: Tensor, batch: CutBatch) -> float:
-        return classification_loss(self._scores(hidden, batch), batch.spec.labels).item()
+        with self.phase("zo_losses"):
+            return classification_loss(self._scores(hidden, batch), batch.spec.labels).item()
 
     def _backward(
         self, hidden: Tensor, batch: CutBatch, want_input_grad: bool
     ) -> tuple[float, Tensor | None]:
         """Forward with a graph, backward into .grad (scaled for accumulation)."""
-        hidden = hidden.detach().requires_grad_(want_input_grad)
-        loss = classification_loss(self._scores(hidden, batch), batch.spec.labels)
-        (loss / self.grad_accum).backward()
-        return loss.item(), hidden.grad
+        with self.phase("forward_backward"):
+            hidden = hidden.detach().requires_grad_(want_input_grad)
+            loss = classification_loss(self._scores(hidden, batch), batch.spec.labels)
+            (loss / self.grad_accum).backward()
+            return loss.item(), hidden.grad
 
     def hosl_step(self, req: HoslStepRequest) -> HoslStepReply:
         losses = [self._loss(h, req.batch) for h in req.perturbed]  # all at the same θ_s
@@ -86,7 +88,8 @@ class ServerParty(PartyState):
         scale = 1.0 / (len(req.seeds) * self.grad_accum)
         self._pending_zo += [(seed, g * scale) for seed, g in zip(req.seeds, grads)]
         if req.update:
-            apply_zo_update_(self.zo, self._pending_zo, req.lr)
+            with self.phase("update"):
+                apply_zo_update_(self.zo, self._pending_zo, req.lr)
             self._pending_zo = []
         return ZoStepReply(losses=losses, grads=grads)
 
@@ -98,4 +101,5 @@ class ServerParty(PartyState):
 
     @torch.inference_mode()
     def evaluate(self, req: EvalRequest) -> EvalReply:
-        return EvalReply(scores=self._scores(req.hidden, req.batch).float())
+        with self.phase("eval"):
+            return EvalReply(scores=self._scores(req.hidden, req.batch).float())

@@ -1,25 +1,51 @@
-"""Checkpointable state of a party: its parameters, optimizer and schedule, in one dict."""
+"""What every party has: checkpointable state (parameters, optimizer, schedule) and a memory
+meter that measures the party's own bytes phase by phase."""
 
 from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 from torch import nn
 
+from hosl.memory.measure import PartyMeter
+
 
 class PartyState:
-    """Mixin: `state_dict`/`load_state_dict` over `part`, `optimizer` and `scheduler`."""
+    """Mixin over `part`, `optimizer` and `scheduler`: checkpoints, optimizer steps, metering."""
 
     part: nn.Module
     optimizer: torch.optim.Optimizer | None
     scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    meter: PartyMeter | None = None
+
+    def start_metering(self, name: str) -> PartyMeter:
+        """Measure this party from now on: resident state plus everything its phases allocate."""
+        device = next(self.part.parameters()).device
+        self.meter = PartyMeter(name, device)
+        self.meter.set_resident_state(self.part, self.optimizer)
+        return self.meter
+
+    def stop_metering(self) -> None:
+        """Keep the peaks measured so far but stop tracking (tracking costs time on every op)."""
+        self.metering_paused = True
+
+    def phase(self, name: str) -> AbstractContextManager:
+        if self.meter is None or getattr(self, "metering_paused", False):
+            return nullcontext()
+        return self.meter.phase(name)
 
     def optimizer_step(self) -> None:
         """Apply the accumulated gradients, clear them, advance the schedule."""
         assert self.optimizer is not None, f"{type(self).__name__} was built without an optimizer"
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        with self.phase("update"):
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         if self.scheduler is not None:
             self.scheduler.step()
+        if self.meter is not None and not getattr(self, "metering_paused", False):
+            # optimizer state now exists for good: count it as resident, not transient
+            self.meter.set_resident_state(self.part, self.optimizer)
 
     def state_dict(self) -> dict:
         state: dict = {"part": self.part.state_dict()}

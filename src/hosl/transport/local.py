@@ -44,7 +44,11 @@ class LocalTransport:
 
     def _call(self, handler: Callable[[Any], Any], request: Any) -> Any:
         up = to_bytes(request, self.wire_dtype)
-        reply = handler(from_bytes(up, self.server_dtype))
+        # What the server decodes is the server's memory: it is counted in its "receive" phase
+        # and stays counted while the handler holds it.
+        with self.server.phase("receive"):
+            decoded = from_bytes(up, self.server_dtype)
+        reply = handler(decoded)
         down = to_bytes(reply, self.wire_dtype)
         self.stats.record(isinstance(request, EvalRequest), len(up), len(down))
         return from_bytes(down, self.client_dtype)

@@ -68,7 +68,8 @@ def PerturbedForward(target: ZoTarget, seed: int, scale: float) -> Iterator[None
             for attr, name in owned:
                 param = mod._parameters[attr]
                 stash[attr] = param
-                perturbed = param.detach() + scale * noise_for(param, seed, name)
+                # one new tensor: z, scaled and shifted in place into θ + scale·z
+                perturbed = noise_for(param, seed, name).mul_(scale).add_(param.detach())
                 mod._parameters[attr] = perturbed  # a plain tensor, only for this call
 
         def swap_out(mod: nn.Module, _args: object, _out: object, owned=owned, stash=stash) -> None:

@@ -1,0 +1,291 @@
+"""Analytic per-party memory model of one training step in every hosl mode.
+
+`estimate(model, split_layer=k, batch=B, length=L, mode=...)` returns, for each party, the bytes of
+each component and a modelled peak (`total`). The components are not all alive at the same time,
+so the total is not their sum: each party's step is modelled as a few phases, and
+
+    total = resident (parameters + optimizer state) + the largest phase's working bytes.
+
+Phases (compare `total` with `PartyMeter.peak_bytes`; a training loop may split or name its
+meter phases differently, e.g. one "forward_backward" phase covers forward and backward here):
+- forward   — a forward pass; FO parties end it holding every stored activation (plus the scored
+              logits on the server), forward-only parties hold one block's working set at a time.
+- backward  — walks the blocks from the top down: at each block the activations below it, the
+              gradients above it, the block's new gradients and its backward working set are live.
+- perturb   — ZO parties only: one parameter-sized noise tensor z (the largest tensor; z is drawn
+              and applied one tensor at a time, in place), also used by the ZO update.
+- eval      — the HOSL server's forward-only evaluation of the 2Q perturbed losses.
+- update    — an FO optimizer step: gradients, state, and for AdamW two temporaries the size of
+              the largest tensor (single-tensor AdamW as PyTorch runs it on CPU; the multi-tensor
+              path it uses on CUDA makes them for all tensors at once).
+
+Parties: the client owns the embeddings (learned positions, OPT's project_in) and blocks 0..k-1;
+the server owns blocks k..N-1, the final norm, project_out and the output head (its own copy when
+the model ties the head to the input embedding). `fo-full`, `zo-full` and `inference` without a
+split layer have a single party, "model". Gradients are freed between steps (zero_grad with
+set_to_none); ZO parties use plain SGD on the projected gradient, so they hold no optimizer state
+whatever `optimizer` says.
+
+Boundary activations are the (B, L, H) tensors crossing the cut that a party holds at once. With
+one round trip per step the HOSL client sends the 2Q perturbed outputs and the unperturbed one
+together (2Q+1), ZO-ZO sends 2Q, FO-FO holds h and dL/dh (2); `boundary_copies` overrides this.
+
+Kernels assumed: `attention="eager"` (the default: the (B, heads, L, L) probabilities are
+stored, as transformers' eager attention does) or `attention="sdpa"` (fused, nothing quadratic
+stored); no KV cache, dropout off, transformers 5.x modelling code, CPU kernels. Calibrated
+against `PartyMeter` on whole-model inference and FO steps (see `hosl.memory.families`); the
+split-specific parts (boundary copies, the HOSL server's evaluation phase) follow this docstring
+and are to be checked against the split training loops.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import PretrainedConfig
+
+from hosl.errors import ConfigError
+from hosl.memory.families import (
+    ATTENTION_KERNELS,
+    ActivationTable,
+    ModelShapes,
+    Term,
+    activation_table,
+    model_shapes,
+)
+from hosl.memory.phases import PartPlan, party_phases
+
+MODES = ("hosl", "fo", "zo", "fo-full", "zo-full", "inference")
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+OPTIMIZER_STATES = {"sgd": 0, "momentum": 1, "adamw": 2}  # state tensors per parameter
+LOGITS = ("scored", "full")
+COMPONENTS = (
+    "parameters",
+    "gradients",
+    "optimizer_state",
+    "stored_activations",
+    "transient",
+    "perturbation",
+    "boundary",
+    "scores",
+)
+
+# What each party does in each mode: "fo" (backprop), "zo" (forward-only with perturbations),
+# "inference" (forward-only, no training).
+_ROLES = {
+    "hosl": {"client": "zo", "server": "fo"},
+    "fo": {"client": "fo", "server": "fo"},
+    "zo": {"client": "zo", "server": "zo"},
+    "fo-full": {"model": "fo"},
+    "zo-full": {"model": "zo"},
+    "inference": {"client": "inference", "server": "inference"},
+}
+
+
+@dataclass(frozen=True)
+class PartyEstimate:
+    """One party's modelled memory: components in bytes, phase peaks and the overall peak."""
+
+    role: str
+    components: dict[str, int]
+    phases: dict[str, int]
+    total: int
+    peak_phase: str
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Result of `estimate`: the inputs it was computed for and one `PartyEstimate` per party."""
+
+    model: str
+    mode: str
+    split_layer: int | None
+    n_layers: int
+    batch: int
+    length: int
+    dtype: str
+    optimizer: str
+    positions: int
+    logits: str
+    q: int
+    attention: str
+    parties: dict[str, PartyEstimate] = field(default_factory=dict)
+
+    @property
+    def client(self) -> PartyEstimate | None:
+        return self.parties.get("client")
+
+    @property
+    def server(self) -> PartyEstimate | None:
+        return self.parties.get("server")
+
+
+def _resolve_config(model: PretrainedConfig | str) -> tuple[str, PretrainedConfig]:
+    if isinstance(model, str):
+        # Imported here so that passing a config object never imports the models package.
+        from hosl.models.configs import builtin_config
+
+        return model, builtin_config(model)
+    name = getattr(model, "name_or_path", "") or getattr(model, "model_type", "model")
+    return name, model
+
+
+def _check(choice: str, allowed: tuple[str, ...], what: str) -> None:
+    if choice not in allowed:
+        raise ConfigError(f"unknown {what} {choice!r}; choose one of: {', '.join(allowed)}")
+
+
+def _default_boundary_copies(mode: str, q: int) -> int:
+    return {"hosl": 2 * q + 1, "zo": 2 * q, "fo": 2, "inference": 1}.get(mode, 0)
+
+
+def _terms_bytes(terms: tuple[Term, ...], shapes: ModelShapes, tokens: int, length: int,
+                 act_bytes: int) -> int:
+    widths = shapes.widths(length)
+    return round(tokens * sum(t.bytes_per_token(widths, act_bytes) for t in terms))
+
+
+def _plan(shapes: ModelShapes, table: ActivationTable, party: str, split_layer: int | None, *,
+          batch: int, length: int, act_bytes: int, positions: int, logits: str,
+          boundary: int) -> PartPlan:
+    """Bytes of everything one party holds, before the role decides which of it is live when."""
+    n_layers = shapes.n_layers
+    if party == "client":
+        layers, has_embedding, has_head = split_layer, True, False
+    elif party == "server":
+        layers, has_embedding, has_head = n_layers - split_layer, False, True
+    else:
+        layers, has_embedding, has_head = n_layers, True, True
+    tokens = batch * length
+    hidden = tokens * shapes.hidden * act_bytes  # one (B, L, H) tensor
+    embedding_tensors = list(shapes.embedding_tensors) if has_embedding else []
+    head_tensors = list(shapes.head_tensors) if has_head else []
+    # A tied head shares the embedding's storage when one party owns both.
+    if has_embedding and has_head and shapes.tied:
+        head_tensors = head_tensors[:-1]
+    scored = batch * (positions if logits == "scored" else length) * shapes.vocab
+
+    def nbytes(terms: tuple[Term, ...]) -> int:
+        return _terms_bytes(terms, shapes, tokens, length, act_bytes)
+
+    def largest(alternatives: tuple[tuple[Term, ...], ...]) -> int:
+        return max(nbytes(terms) for terms in alternatives)
+
+    return PartPlan(
+        layers=layers,
+        act_bytes=act_bytes,
+        embedding_params=[n * act_bytes for n in embedding_tensors],
+        layer_params=[n * act_bytes for n in shapes.layer_tensors],
+        head_params=[n * act_bytes for n in head_tensors],
+        tied_in_party=has_embedding and has_head and shapes.tied,
+        embedding_vocab_bytes=shapes.vocab * shapes.embed_dim * act_bytes,
+        hidden=hidden,
+        layer_stored=nbytes(table.layer_stored),
+        layer_work=largest(table.forward_work),
+        layer_backward_work=largest(table.backward_work),
+        embedding_stored=nbytes(table.embedding_stored) if has_embedding else 0,
+        embedding_held=nbytes(table.embedding_held) if has_embedding else 0,
+        embedding_held_graph=nbytes(table.embedding_held_graph) if has_embedding else 0,
+        head_stored=nbytes(table.head_stored) if has_head else 0,
+        mask=nbytes(table.mask) if layers else 0,
+        # Logits in the activation dtype plus the float32 log-softmax the loss is taken from.
+        scores=scored * (act_bytes + 4) if has_head else 0,
+        boundary=boundary * hidden,
+    )
+
+
+def estimate(
+    model: PretrainedConfig | str,
+    *,
+    split_layer: int | None = None,
+    batch: int = 1,
+    length: int = 128,
+    mode: str = "hosl",
+    dtype: str = "float32",
+    optimizer: str = "sgd",
+    positions: int = 1,
+    logits: str = "scored",
+    q: int = 1,
+    boundary_copies: int | None = None,
+    attention: str = "eager",
+) -> MemoryEstimate:
+    """Model each party's memory for one step of `mode` (see the module docstring).
+
+    `model` is a transformers config or a built-in name (`hosl.models.configs`). `positions` is
+    the number of scored positions per sequence; `logits="full"` models a server that
+    materialises (B, L, V) logits instead. `q` is the number of perturbation pairs.
+    `attention` is the attention kernel the model runs: "eager" (stores (B, heads, L, L)
+    probabilities) or "sdpa" (PyTorch's fused scaled_dot_product_attention).
+    """
+    _check(mode, MODES, "mode")
+    _check(dtype, tuple(DTYPE_BYTES), "dtype")
+    _check(optimizer, tuple(OPTIMIZER_STATES), "optimizer")
+    _check(logits, LOGITS, "logits setting")
+    _check(attention, ATTENTION_KERNELS, "attention kernel")
+    if min(batch, length, positions, q) < 1:
+        raise ConfigError("batch, length, positions and q must all be at least 1")
+    name, config = _resolve_config(model)
+    shapes = model_shapes(config)
+    table = activation_table(shapes.family, attention)
+    roles = dict(_ROLES[mode])
+    if mode == "inference" and split_layer is None:
+        roles = {"model": "inference"}
+    if "client" in roles:
+        if split_layer is None or not 0 <= split_layer <= shapes.n_layers:
+            raise ConfigError(
+                f"mode {mode!r} needs a split layer between 0 and {shapes.n_layers}; "
+                f"got {split_layer!r}"
+            )
+    else:
+        split_layer = None
+    copies = _default_boundary_copies(mode, q) if boundary_copies is None else boundary_copies
+    act_bytes = DTYPE_BYTES[dtype]
+    parties: dict[str, PartyEstimate] = {}
+    for party, role in roles.items():
+        plan = _plan(
+            shapes, table, party, split_layer, batch=batch, length=length, act_bytes=act_bytes,
+            positions=positions, logits=logits, boundary=copies if party != "model" else 0,
+        )
+        state_per_param = OPTIMIZER_STATES[optimizer] if role == "fo" else 0
+        evaluates = mode == "hosl" and party == "server"
+        components, phases = party_phases(plan, role, state_per_param, evaluates=evaluates)
+        peak_phase = max(phases, key=phases.get)
+        parties[party] = PartyEstimate(role, components, phases, phases[peak_phase], peak_phase)
+    return MemoryEstimate(
+        model=name, mode=mode, split_layer=split_layer, n_layers=shapes.n_layers, batch=batch,
+        length=length, dtype=dtype, optimizer=optimizer, positions=positions, logits=logits, q=q,
+        attention=attention, parties=parties,
+    )
+
+
+def human_bytes(nbytes: float) -> str:
+    """1536 -> '1.50 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(nbytes) < 1024 or unit == "GiB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.2f} {unit}"
+        nbytes /= 1024
+    raise AssertionError("unreachable")
+
+
+def format_estimate(est: MemoryEstimate) -> str:
+    """A table with one column per party and one row per component, then the modelled peaks."""
+    split = "" if est.split_layer is None else f", split at layer {est.split_layer}/{est.n_layers}"
+    lines = [
+        f"{est.model}: mode {est.mode}{split}, batch {est.batch} x length {est.length}, "
+        f"{est.dtype}, optimizer {est.optimizer}, {est.positions} scored position(s), "
+        f"{est.logits} logits, q={est.q}, {est.attention} attention",
+    ]
+    names = list(est.parties)
+    rows = [(c.replace("_", " "), [est.parties[p].components[c] for p in names])
+            for c in COMPONENTS]
+    rows.append(("total (peak)", [est.parties[p].total for p in names]))
+    width = max(len(label) for label, _ in rows)
+    lines.append(" " * width + "".join(f"{p:>14}" for p in names))
+    for label, values in rows:
+        lines.append(f"{label:<{width}}" + "".join(f"{human_bytes(v):>14}" for v in values))
+    lines.append(
+        "peak phase".ljust(width) + "".join(f"{est.parties[p].peak_phase:>14}" for p in names)
+    )
+    lines.append("total = parameters + optimizer state + the largest phase's working bytes; "
+                 "the other components are not all live at once.")
+    return "\n".join(lines)

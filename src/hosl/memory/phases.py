@@ -1,0 +1,154 @@
+"""Phase-by-phase peak model of one party's step, from the bytes its part of the model holds.
+
+`hosl.memory.analytic` turns a config and a batch into a `PartPlan` (bytes only, no shapes);
+`party_phases` decides, for the party's role, which of those bytes are live together in each
+phase of a step and returns the components and the phase peaks (resident bytes included).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class PartPlan:
+    """Bytes of one party's part of the model at one batch shape and dtype."""
+
+    layers: int  # decoder blocks this party owns
+    act_bytes: int
+    embedding_params: list[int]  # bytes per tensor; empty when the party has no input side
+    layer_params: list[int]  # bytes per tensor of one block
+    head_params: list[int]  # bytes per tensor; empty when the party has no output side
+    tied_in_party: bool  # the head is the embedding's own storage (unsplit tied models)
+    embedding_vocab_bytes: int  # one (V, E) tensor: a tied embedding's gradient is summed into it
+    hidden: int  # one (B, L, H) tensor
+    layer_stored: int
+    layer_work: int
+    layer_backward_work: int
+    embedding_stored: int
+    embedding_held: int  # kept alive by the input side until the last block ran (no graph)
+    embedding_held_graph: int  # the same beyond embedding_stored, with a graph
+    head_stored: int
+    mask: int  # the attention mask, alive while blocks run
+    scores: int  # logits + log-softmax at the scored positions (or all, for full logits)
+    boundary: int  # activations crossing the cut that the party holds at once
+
+    @property
+    def has_embedding(self) -> bool:
+        return bool(self.embedding_params)
+
+    @property
+    def has_head(self) -> bool:
+        return bool(self.head_params) or self.tied_in_party
+
+    @property
+    def parameters(self) -> int:
+        return (
+            sum(self.embedding_params)
+            + self.layers * sum(self.layer_params)
+            + sum(self.head_params)
+        )
+
+    @property
+    def largest_tensor(self) -> int:
+        tensors = self.embedding_params + self.head_params
+        if self.layers:
+            tensors = tensors + self.layer_params
+        return max(tensors, default=0)
+
+    @property
+    def stored(self) -> int:
+        return self.embedding_stored + self.layers * self.layer_stored + self.head_stored
+
+
+def _forward_only_extra(plan: PartPlan) -> int:
+    """Working bytes of a forward pass without a graph: the residual stream plus the larger of
+    one block's working set (with what the input side keeps alive and the mask) and the output
+    side's (final norm outputs and scores)."""
+    candidates = [plan.embedding_held + plan.mask + (plan.layer_work if plan.layers else 0)]
+    if plan.has_head:
+        candidates.append(plan.head_stored + plan.scores)
+    return plan.hidden + max(candidates)
+
+
+def _transient(plan: PartPlan) -> int:
+    """The largest forward working set apart from the scores: the residual stream plus one
+    block's working set (with the input side's held tensors and the mask) or the final norm's."""
+    block = plan.embedding_held + plan.mask + (plan.layer_work if plan.layers else 0)
+    return plan.hidden + max(block, plan.head_stored)
+
+
+def _forward_with_graph_extra(plan: PartPlan) -> int:
+    """Working bytes at the top of a forward pass that records a graph."""
+    below_last = plan.embedding_stored + max(plan.layers - 1, 0) * plan.layer_stored
+    held = plan.embedding_held_graph + plan.mask
+    candidates = [plan.stored + plan.scores]
+    if plan.layers:
+        candidates.append(below_last + held + plan.layer_work + plan.hidden)
+        candidates.append(plan.stored - plan.head_stored + held)
+    return max(candidates)
+
+
+def _backward_extra(plan: PartPlan) -> int:
+    """Walk backward from the head to the embedding, tracking activations freed and gradients
+    made; return the largest working bytes (gradients included) seen on the way."""
+    layer_grads = sum(plan.layer_params)
+    live = plan.stored + plan.scores
+    peak = live
+    if plan.has_head:
+        head_grads = sum(plan.head_params)
+        if plan.tied_in_party:
+            head_grads += plan.embedding_vocab_bytes
+        # The gradients of the log-softmax and of the logits are made next to the saved ones.
+        peak = max(peak, live + head_grads + 2 * plan.scores)
+        live += head_grads - plan.scores - plan.head_stored
+    for _ in range(plan.layers):
+        peak = max(peak, live + layer_grads + plan.layer_backward_work)
+        live += layer_grads - plan.layer_stored
+    if plan.has_embedding:
+        embedding_grads = sum(plan.embedding_params)
+        if plan.tied_in_party:
+            # The head's gradient already holds the (V, E) slot; the embedding's is made apart
+            # and then summed into it, so two more (V, E) tensors are live for a moment.
+            peak = max(peak, live + embedding_grads + plan.embedding_vocab_bytes)
+        else:
+            peak = max(peak, live + embedding_grads)
+    return peak
+
+
+def party_phases(
+    plan: PartPlan, role: str, state_per_param: int, *, evaluates: bool = False
+) -> tuple[dict[str, int], dict[str, int]]:
+    """Components and phase peaks of a party with `role` in {"fo", "zo", "inference"}.
+
+    `state_per_param` is the optimizer's state tensors per parameter (FO roles only);
+    `evaluates` adds the forward-only evaluation phase of the HOSL server.
+    """
+    params = plan.parameters
+    fo = role == "fo"
+    components = {
+        "parameters": params,
+        "gradients": params if fo else 0,
+        "optimizer_state": state_per_param * params if fo else 0,
+        "stored_activations": plan.stored if fo else 0,
+        "transient": _transient(plan),
+        "perturbation": plan.largest_tensor if role == "zo" else 0,
+        "boundary": plan.boundary,
+        "scores": plan.scores,
+    }
+    resident = params + components["optimizer_state"]
+    phases: dict[str, int] = {}
+    if fo:
+        phases["forward"] = resident + plan.boundary + _forward_with_graph_extra(plan)
+        phases["backward"] = resident + plan.boundary + _backward_extra(plan)
+        # PyTorch's single-tensor AdamW builds its denominator sqrt(v) / c + eps out of place:
+        # two temporaries of the tensor being updated are live for a moment.
+        step_temporary = 2 * plan.largest_tensor if state_per_param == 2 else 0
+        phases["update"] = resident + params + step_temporary
+        if evaluates:
+            phases["eval"] = resident + plan.boundary + _forward_only_extra(plan)
+    else:
+        phases["forward"] = resident + plan.boundary + _forward_only_extra(plan)
+        if role == "zo":
+            phases["perturb"] = resident + plan.boundary + plan.largest_tensor
+    return components, phases
