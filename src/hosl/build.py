@@ -17,6 +17,7 @@ from hosl.models.split import split_model, unsplit_model
 from hosl.optim import build_optimizer, build_scheduler, lr_factor
 from hosl.parties.client import ClientParty
 from hosl.parties.server import ServerParty
+from hosl.transport.base import Transport
 from hosl.transport.local import LocalTransport
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -30,8 +31,8 @@ class Run:
     runner: SplitRunner | FullRunner
     step_fn: Callable[[Any, Sequence[Batch], int], float]
     client: ClientParty | None = None  # split modes
-    server: ServerParty | None = None  # split modes, in-process
-    transport: LocalTransport | None = None
+    server: ServerParty | None = None  # split modes, in-process (None when the server is remote)
+    transport: Transport | None = None
 
     def train_step(self, micro_batches: Sequence[Batch], step: int) -> float:
         return self.step_fn(self.runner, micro_batches, step)
@@ -40,22 +41,30 @@ class Run:
         return self.runner.scores(batch)
 
     def state_dict(self) -> dict[str, Any]:
-        if self.client is not None and self.server is not None:
-            return {"client": self.client.state_dict(), "server": self.server.state_dict()}
-        return {"full": self.runner.state_dict()}
+        if self.client is None:
+            return {"full": self.runner.state_dict()}
+        state = {"client": self.client.state_dict()}
+        if self.server is not None:
+            state["server"] = self.server.state_dict()
+        return state
 
     def parties(self) -> dict[str, Any]:
-        """The parties whose memory is measured; an unsplit run is one party, the client."""
-        if self.client is not None and self.server is not None:
-            return {"client": self.client, "server": self.server}
-        return {"client": self.runner}
+        """The parties whose memory is measured here; an unsplit run is one party, the client,
+        and a client of a remote server measures only itself."""
+        if self.client is None:
+            return {"client": self.runner}
+        parties: dict[str, Any] = {"client": self.client}
+        if self.server is not None:
+            parties["server"] = self.server
+        return parties
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self.client is not None and self.server is not None:
-            self.client.load_state_dict(state["client"])
-            self.server.load_state_dict(state["server"])
-        else:
+        if self.client is None:
             self.runner.load_state_dict(state["full"])
+            return
+        self.client.load_state_dict(state["client"])
+        if self.server is not None:
+            self.server.load_state_dict(state["server"])
 
 
 def _fo_optimizer(cfg: TrainConfig, params: Any) -> tuple[Any, Any]:
@@ -69,7 +78,11 @@ def _fo_optimizer(cfg: TrainConfig, params: Any) -> tuple[Any, Any]:
     return opt, build_scheduler(opt, cfg.steps, cfg.optim.schedule)
 
 
-def build_run(cfg: TrainConfig, model: PreTrainedModel) -> Run:
+def build_run(
+    cfg: TrainConfig, model: PreTrainedModel, transport: Transport | None = None
+) -> Run:
+    """The run of `cfg`. Split modes talk to an in-process server unless `transport` reaches a
+    remote one, in which case only the client's part is kept."""
     def zo_lr(step: int) -> float:
         return cfg.zo.lr * lr_factor(step, cfg.steps, cfg.optim.schedule)
 
@@ -93,15 +106,20 @@ def build_run(cfg: TrainConfig, model: PreTrainedModel) -> Run:
     client_opt, client_sched = (
         _fo_optimizer(cfg, client_part.parameters()) if cfg.mode == "fo" else (None, None)
     )
-    server_opt, server_sched = (
-        _fo_optimizer(cfg, server_part.parameters()) if cfg.mode in ("hosl", "fo") else (None, None)
-    )
-    client = ClientParty(client_part, client_opt, client_sched)
-    server = ServerParty(server_part, server_opt, server_sched, grad_accum=cfg.grad_accum)
-    dtype = DTYPES[cfg.model.dtype]
-    transport = LocalTransport(
-        server, wire_dtype=DTYPES[cfg.wire_dtype], client_dtype=dtype, server_dtype=dtype
-    )
+    # A streaming transport sends each perturbed activation as its forward pass ends.
+    client = ClientParty(client_part, client_opt, client_sched, lazy_pairs=transport is not None)
+    server = None
+    if transport is None:
+        server_opt, server_sched = (
+            _fo_optimizer(cfg, server_part.parameters())
+            if cfg.mode in ("hosl", "fo")
+            else (None, None)
+        )
+        server = ServerParty(server_part, server_opt, server_sched, grad_accum=cfg.grad_accum)
+        dtype = DTYPES[cfg.model.dtype]
+        transport = LocalTransport(
+            server, wire_dtype=DTYPES[cfg.wire_dtype], client_dtype=dtype, server_dtype=dtype
+        )
     runner = SplitRunner(
         client=client,
         transport=transport,

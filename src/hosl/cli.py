@@ -1,4 +1,4 @@
-"""`hosl` command line: train, eval, models, memory.
+"""`hosl` command line: train, eval, serve, client, models.
 
 Every user mistake (bad value, unknown key, missing file, unreachable hub) ends with one line on
 stderr and exit status 2, before anything is written.
@@ -39,9 +39,17 @@ TRAIN_FLAGS: dict[str, tuple[str, type, str]] = {
     "--checkpoint-every": ("checkpoint_every", int, "checkpoint every N steps (0: end only)"),
     "--seed": ("seed", int, "seed for data order, sampling and perturbations"),
     "--dtype": ("model.dtype", str, "float32 | bfloat16 | float16"),
-    "--wire-dtype": ("wire_dtype", str, "dtype of activations on the wire"),
+    "--wire-dtype": ("wire_dtype", str, "dtype of activations on the wire (float32, bf16, fp16)"),
     "--output": ("output", str, "run directory"),
 }
+
+
+# The flags `hosl serve` takes from TRAIN_FLAGS: what shapes the server's part and optimizer.
+SERVE_FLAGS = (
+    "--mode", "--model", "--split-layer", "--dtype", "--server-lr", "--optimizer", "--schedule",
+    "--steps", "--grad-accum", "--checkpoint-every", "--seed", "--output",
+)
+_DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -59,13 +67,36 @@ def _parse_set(items: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-def _train_overrides(args: argparse.Namespace) -> dict[str, Any]:
+def _train_overrides(
+    args: argparse.Namespace, flags: Sequence[str] = tuple(TRAIN_FLAGS)
+) -> dict[str, Any]:
     overrides = _parse_set(args.set or [])
-    for flag, (key, _, _) in TRAIN_FLAGS.items():
+    for flag in flags:
+        key = TRAIN_FLAGS[flag][0]
         value = getattr(args, flag[2:].replace("-", "_"))
         if value is not None:
             overrides[key] = value
+    for key in ("wire_dtype", "model.dtype"):
+        if isinstance(overrides.get(key), str):
+            overrides[key] = _DTYPE_ALIASES.get(overrides[key], overrides[key])
     return overrides
+
+
+def _remote(args: argparse.Namespace) -> Any:
+    """RemoteOptions from --server and its companions, or None for an in-process run."""
+    if not args.server:
+        return None
+    from hosl.remote import RemoteOptions
+    from hosl.transport.security import load_token
+
+    return RemoteOptions(
+        address=args.server,
+        token=load_token(args.token_file),
+        tls=args.tls or bool(args.tls_ca),
+        tls_ca=args.tls_ca,
+        reconnect_timeout=args.reconnect_timeout,
+        step_timeout=args.step_timeout,
+    )
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -82,10 +113,35 @@ def cmd_train(args: argparse.Namespace) -> int:
                 "--resume continues a run with its saved config; only --steps may change"
             )
         cfg = resume_config(run_dir, args.steps)
-        train(cfg, resume_dir=run_dir, progress=not args.no_progress)
+        train(cfg, resume_dir=run_dir, progress=not args.no_progress, remote=_remote(args))
         return 0
     cfg = load_config(args.config, _train_overrides(args))
-    train(cfg, progress=not args.no_progress)
+    train(cfg, progress=not args.no_progress, remote=_remote(args))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from hosl.config import load_config
+    from hosl.serve import ServeOptions, serve
+    from hosl.transport.security import load_token
+
+    opts = ServeOptions(
+        host=args.host,
+        port=args.port,
+        token=load_token(args.token_file),
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        max_frame_mb=args.max_frame_mb,
+    )
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise HoslError(f"--resume {run_dir}: not a server directory (no config.yaml)")
+        if args.config or set(_train_overrides(args, SERVE_FLAGS)):
+            raise HoslError("--resume continues a server with its saved config; drop the flags")
+        serve(load_config(run_dir / "config.yaml"), opts, resume_dir=run_dir)
+        return 0
+    serve(load_config(args.config, _train_overrides(args, SERVE_FLAGS)), opts)
     return 0
 
 
@@ -154,19 +210,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="hosl", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    train = sub.add_parser("train", help="fine-tune a model (in-process client and server)")
-    train.add_argument("--config", help="YAML config file")
-    train.add_argument(
-        "--set",
-        action="append",
-        metavar="KEY=VALUE",
-        help="dotted config override, e.g. --set zo.q=4 (repeatable)",
+    for name, help_text in (
+        ("train", "fine-tune a model (in-process server, or a remote one with --server)"),
+        ("client", "fine-tune as the edge client of a `hosl serve` process"),
+    ):
+        train = sub.add_parser(name, help=help_text)
+        _config_flags(train, TRAIN_FLAGS)
+        train.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its checkpoint")
+        train.add_argument("--no-progress", action="store_true", help="no progress bar")
+        _client_flags(train, required=name == "client")
+        train.set_defaults(func=cmd_train)
+
+    serve = sub.add_parser("serve", help="hold the server's part of a split model for clients")
+    _config_flags(serve, SERVE_FLAGS)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all)")
+    serve.add_argument("--port", type=int, default=50051, help="port (0: any free port)")
+    serve.add_argument("--token-file", help="file holding the bearer token (or set HOSL_TOKEN)")
+    serve.add_argument("--tls-cert", help="PEM certificate chain: serve with TLS")
+    serve.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    serve.add_argument(
+        "--max-frame-mb", type=int, default=1024, help="largest message accepted, in MiB"
     )
-    for flag, (_, kind, help_text) in TRAIN_FLAGS.items():
-        train.add_argument(flag, type=kind, help=help_text)
-    train.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its checkpoint")
-    train.add_argument("--no-progress", action="store_true", help="no progress bar")
-    train.set_defaults(func=cmd_train)
+    serve.add_argument("--resume", metavar="DIR", help="continue a server from its directory")
+    serve.set_defaults(func=cmd_serve)
 
     ev = sub.add_parser("eval", help="accuracy and predictions.jsonl for a model or a run")
     ev.add_argument("--model", help="model to evaluate (default: the run's, else smollm2-135m)")
@@ -216,6 +282,40 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", help="output folder (default: beside the runs)")
     report.set_defaults(func=cmd_report)
     return parser
+
+
+def _config_flags(parser: argparse.ArgumentParser, flags: Sequence[str]) -> None:
+    parser.add_argument("--config", help="YAML config file")
+    parser.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="dotted config override, e.g. --set zo.q=4 (repeatable)",
+    )
+    for flag in flags:
+        _, kind, help_text = TRAIN_FLAGS[flag]
+        parser.add_argument(flag, type=kind, help=help_text)
+
+
+def _client_flags(parser: argparse.ArgumentParser, required: bool) -> None:
+    parser.add_argument(
+        "--server",
+        required=required,
+        metavar="HOST:PORT",
+        help="train against this `hosl serve` instead of in-process",
+    )
+    parser.add_argument("--token-file", help="file holding the bearer token (or set HOSL_TOKEN)")
+    parser.add_argument("--tls", action="store_true", help="connect with TLS (system roots)")
+    parser.add_argument("--tls-ca", help="PEM root certificate to verify the server (implies TLS)")
+    parser.add_argument(
+        "--reconnect-timeout",
+        type=float,
+        default=120.0,
+        help="seconds to wait for a server that is down or restarting",
+    )
+    parser.add_argument(
+        "--step-timeout", type=float, default=600.0, help="seconds one server reply may take"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from hosl.batching import collate
-from hosl.build import DTYPES, build_run
+from hosl.build import DTYPES, Run, build_run
 from hosl.checkpoint import load_latest, save_checkpoint
 from hosl.config import TrainConfig, dump_config, load_config
 from hosl.errors import ConfigError
@@ -28,8 +28,11 @@ from hosl.evaluation import evaluate
 from hosl.memory.measure import peak_rss_bytes
 from hosl.models.loading import load_pretrained
 from hosl.models.split import num_layers
+from hosl.remote import RemoteOptions, RemoteSession, make_transport
 from hosl.sampler import step_indices
 from hosl.tasks import load_examples
+from hosl.transport.base import ResyncNeeded
+from hosl.transport.grpc_client import GrpcTransport
 
 
 def _examples(cfg: TrainConfig) -> tuple[list, list]:
@@ -65,7 +68,9 @@ def train(
     resume_dir: Path | None = None,
     progress: bool = True,
     echo: Callable[[str], None] = print,
+    remote: RemoteOptions | None = None,
 ) -> dict[str, Any]:
+    """Train `cfg`; with `remote`, against a `hosl serve` process instead of in-process."""
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_pretrained(cfg.model.name, dtype=DTYPES[cfg.model.dtype])
     if cfg.mode not in ("fo-full", "zo-full"):
@@ -76,11 +81,44 @@ def train(
                 f"{cfg.model.name}, got {cfg.model.split_layer}"
             )
     train_set, eval_set = _examples(cfg)
-    run = build_run(cfg, model)
-    run_dir = resume_dir or new_run_dir(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    transport = None
+    try:
+        if remote is not None:
+            transport = make_transport(cfg, model, remote)
+            transport.connect()  # a refused token or handshake fails here, before any file
+        run = build_run(cfg, model, transport)
+        del model  # the parts hold what they need; a remote client keeps only its own part
+        run_dir = resume_dir or new_run_dir(cfg)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(dump_config(cfg))
+        return _train_loop(
+            cfg, run, run_dir, resume_dir, tokenizer, train_set, eval_set, transport, progress,
+            echo,
+        )
+    finally:
+        if transport is not None:
+            transport.close()
 
+
+def _logged_steps(path: Path) -> set[int]:
+    if not path.is_file():
+        return set()
+    lines = (json.loads(x) for x in path.read_text().splitlines() if x.strip())
+    return {x["step"] for x in lines if "loss" in x}
+
+
+def _train_loop(
+    cfg: TrainConfig,
+    run: Run,
+    run_dir: Path,
+    resume_dir: Path | None,
+    tokenizer: Any,
+    train_set: list,
+    eval_set: list,
+    transport: GrpcTransport | None,
+    progress: bool,
+    echo: Callable[[str], None],
+) -> dict[str, Any]:
     def batches(step: int) -> list:
         idx = step_indices(len(train_set), step, cfg.batch_size, cfg.grad_accum, cfg.seed)
         return [
@@ -101,6 +139,18 @@ def train(
             predictions_path=predictions,
         )
 
+    metrics_path = run_dir / "metrics.jsonl"
+    logged = _logged_steps(metrics_path)
+
+    def log(record: dict[str, Any]) -> None:
+        # append and close per line: a crash never loses a logged step
+        if "loss" in record:
+            if record["step"] in logged:
+                return  # a step replayed or redone after a fault: already logged
+            logged.add(record["step"])
+        with open(metrics_path, "a") as metrics:
+            metrics.write(json.dumps(record) + "\n")
+
     start, elapsed, meta = 0, 0.0, {}
     if resume_dir is not None and (loaded := load_latest(run_dir)) is not None:
         start, state, meta = loaded
@@ -110,10 +160,27 @@ def train(
             run.transport.stats.load(meta.get("wire", {}))
         _trim_metrics(run_dir / "metrics.jsonl", start)  # steps after the checkpoint rerun
         echo(f"resumed {run_dir} at step {start}")
+    session = None
+    if transport is not None:
+        session = RemoteSession(
+            run,
+            cfg,
+            transport,
+            run_dir,
+            batches,
+            echo,
+            on_replayed=lambda step, loss: log(
+                {"step": step + 1, "loss": loss, "replayed": True}
+            ),
+        )
+        start = session.resync(start, transport.committed)
+        echo(f"connected to {transport.address}; training from step {start}")
     zero_shot = meta.get("zero_shot_accuracy")
-    if zero_shot is None:
+    if zero_shot is None and start == 0:
         zero_shot = accuracy()
         echo(f"zero-shot accuracy: {zero_shot:.4f} on {len(eval_set)} examples")
+
+    t0 = time.perf_counter()
 
     def checkpoint(step: int) -> None:
         wire = run.transport.stats.dump() if run.transport is not None else {}
@@ -128,15 +195,7 @@ def train(
             },
         )
 
-    t0 = time.perf_counter()
-
-    def log(record: dict[str, Any]) -> None:
-        # append and close per line: a crash never loses a logged step
-        with open(run_dir / "metrics.jsonl", "a") as metrics:
-            metrics.write(json.dumps(record) + "\n")
-
     bar = tqdm(
-        range(start, cfg.steps),
         initial=start,
         total=cfg.steps,
         disable=not progress,
@@ -145,30 +204,45 @@ def train(
     )
     loss = float("nan")
     meters = {name: party.start_metering(name) for name, party in run.parties().items()}
+    step, final, train_seconds = start, None, 0.0
     step_times: dict[bool, list[float]] = {True: [], False: []}  # metered? -> seconds per step
-    for step in bar:
-        metered = step < start + cfg.memory_steps
-        if step == start + cfg.memory_steps:
-            for party in run.parties().values():
-                party.stop_metering()  # peaks repeat every step; tracking costs time per op
-        tick = time.perf_counter()
-        loss = run.train_step(batches(step), step)
-        step_times[metered].append(time.perf_counter() - tick)
-        done = step + 1
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            line = {"step": done, "loss": loss, "wall_seconds": elapsed + time.perf_counter() - t0}
-            log(line)
-            bar.set_postfix(loss=f"{loss:.4f}")
-        if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
-            acc = accuracy()
-            log({"step": done, "eval_accuracy": acc})
-            echo(f"step {done}: eval accuracy {acc:.4f}")
-        if cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
-            checkpoint(done)
+    while final is None:
+        try:
+            while step < cfg.steps:
+                if step == start + cfg.memory_steps:
+                    for party in run.parties().values():
+                        party.stop_metering()  # peaks repeat every step; tracking costs time
+                metered = step < start + cfg.memory_steps
+                tick = time.perf_counter()
+                loss = run.train_step(batches(step), step)
+                step_times[metered].append(time.perf_counter() - tick)
+                done = step = step + 1
+                bar.update(1)
+                if done % cfg.log_every == 0 or done == cfg.steps:
+                    line = {
+                        "step": done,
+                        "loss": loss,
+                        "wall_seconds": elapsed + time.perf_counter() - t0,
+                    }
+                    log(line)
+                    bar.set_postfix(loss=f"{loss:.4f}")
+                if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
+                    acc = accuracy()
+                    log({"step": done, "eval_accuracy": acc})
+                    echo(f"step {done}: eval accuracy {acc:.4f}")
+                if cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
+                    checkpoint(done)
+            train_seconds = time.perf_counter() - t0
+            checkpoint(cfg.steps)
+            final = accuracy(run_dir / "predictions.jsonl")
+        except ResyncNeeded as lost:
+            if session is None:
+                raise
+            echo(f"the server is at step {lost.committed}, this client at step {step}; resyncing")
+            step = session.resync(step, lost.committed)
+            bar.n = step
+            bar.refresh()
     bar.close()
-    train_seconds = time.perf_counter() - t0
-    checkpoint(cfg.steps)
-    final = accuracy(run_dir / "predictions.jsonl")
     log({"step": cfg.steps, "eval_accuracy": final})
 
     stats = run.transport.stats if run.transport is not None else None
@@ -204,10 +278,13 @@ def train(
         "seconds_per_metered_step": (
             sum(metered_times) / len(metered_times) if metered_times else None
         ),
+        "server": transport.address if transport is not None else None,
+        "wire_dtype": cfg.wire_dtype,
         "run_dir": str(run_dir),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    echo(f"accuracy: zero-shot {zero_shot:.4f} -> final {final:.4f}")
+    shot = "n/a" if zero_shot is None else f"{zero_shot:.4f}"
+    echo(f"accuracy: zero-shot {shot} -> final {final:.4f}")
     echo(memory_line(summary))
     echo(f"run directory: {run_dir}")
     return summary
@@ -218,6 +295,10 @@ def _mb(nbytes: int | None) -> str:
 
 
 def memory_line(summary: dict[str, Any]) -> str:
+    if summary.get("server"):
+        return (f"peak memory: client {_mb(summary['client_peak_bytes'])} (live tensor bytes; "
+                f"the server's are its own process's; process RSS "
+                f"{_mb(summary['peak_rss_bytes'])})")
     if summary["server_peak_bytes"] is None:
         return f"peak memory (one party, unsplit): {_mb(summary['client_peak_bytes'])}"
     return (f"peak memory: client {_mb(summary['client_peak_bytes'])}, "

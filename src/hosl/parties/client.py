@@ -7,7 +7,7 @@ with a graph and a backward from the gradient the server returns.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -18,17 +18,46 @@ from hosl.parties.state import PartyState
 from hosl.zo import PerturbedForward, ZoTarget, apply_zo_update_
 
 
+class LazyPairs(Sequence[Tensor]):
+    """[h⁺₁, h⁻₁, h⁺₂, ...] computed one forward pass at a time, when read.
+
+    A streaming transport puts each activation on the wire as soon as its forward pass ends, so
+    the server evaluates h⁺₁ while the client computes h⁻₁, and the client holds one perturbed
+    activation at a time instead of 2Q. Nothing is cached: reading an element again runs its
+    forward again (same seed, same θ_c: the same tensor), which is what a resend after a lost
+    connection needs.
+    """
+
+    def __init__(self, party: ClientParty, batch: Batch, seeds: Sequence[int], eps: float) -> None:
+        self._party, self._batch, self._seeds, self._eps = party, batch, list(seeds), eps
+
+    def __len__(self) -> int:
+        return 2 * len(self._seeds)
+
+    def __getitem__(self, i: int) -> Tensor:  # type: ignore[override]
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        q, sign = divmod(i % len(self), 2)
+        scale = -self._eps if sign else self._eps
+        return self._party.activations(self._batch, self._seeds[q], scale).hidden
+
+    def __iter__(self) -> Iterator[Tensor]:
+        return (self[i] for i in range(len(self)))
+
+
 class ClientParty(PartyState):
     def __init__(
         self,
         part: ClientPart,
         optimizer: torch.optim.Optimizer | None = None,
         scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+        lazy_pairs: bool = False,
     ) -> None:
         self.part = part.eval()  # dropout stays off: ZO differences must see one function
         self.zo = ZoTarget(part)
         self.optimizer = optimizer
         self.scheduler = scheduler
+        self.lazy_pairs = lazy_pairs  # see LazyPairs: for transports that stream each activation
 
     @torch.inference_mode()
     def activations(self, batch: Batch, seed: int | None = None, scale: float = 0.0) -> Activations:
@@ -39,8 +68,15 @@ class ClientParty(PartyState):
         with self.phase("zo_estimate"), PerturbedForward(self.zo, seed, scale):
             return self.part(batch.input_ids, batch.attention_mask)
 
-    def perturbed_pairs(self, batch: Batch, seeds: Sequence[int], eps: float) -> list[Tensor]:
-        """[h⁺₁, h⁻₁, h⁺₂, h⁻₂, ...]: 2Q hidden states (S, L, H), all around the same θ_c."""
+    def perturbed_pairs(
+        self, batch: Batch, seeds: Sequence[int], eps: float
+    ) -> Sequence[Tensor]:
+        """[h⁺₁, h⁻₁, h⁺₂, h⁻₂, ...]: 2Q hidden states (S, L, H), all around the same θ_c.
+
+        With `lazy_pairs`, a `LazyPairs` that runs each forward pass when its element is read.
+        """
+        if self.lazy_pairs:
+            return LazyPairs(self, batch, seeds, eps)
         hidden: list[Tensor] = []
         for seed in seeds:
             hidden.append(self.activations(batch, seed, +eps).hidden)

@@ -93,6 +93,12 @@ class ServerParty(PartyState):
             self._pending_zo = []
         return ZoStepReply(losses=losses, grads=grads)
 
+    def discard_partial_step(self) -> None:
+        """Forget what an unfinished step accumulated (gradients, pending ZO coefficients), so a
+        step whose client vanished leaves the server exactly as before it."""
+        self.part.zero_grad(set_to_none=True)
+        self._pending_zo = []
+
     @torch.inference_mode()
     def evaluate(self, req: EvalRequest) -> EvalReply:
         with self.phase("eval"):

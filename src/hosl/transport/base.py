@@ -55,6 +55,16 @@ class WireStats:
         self.eval = Traffic(**saved.get("eval", {}))
 
 
+class ResyncNeeded(Exception):
+    """The server is at a different step than the client expected (it restarted from an older
+    checkpoint, or committed steps this client never saw): the client must bring its own state
+    to the server's `committed` step before it goes on."""
+
+    def __init__(self, committed: int) -> None:
+        super().__init__(f"the server is at step {committed}")
+        self.committed = committed
+
+
 class Transport(Protocol):
     stats: WireStats
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -121,7 +122,10 @@ def _flatten(
         cast = field.name in _HIDDEN_FIELDS
         if isinstance(value, Tensor):
             tensors[key] = value.to(wire_dtype) if cast else value
-        elif isinstance(value, list) and value and isinstance(value[0], Tensor):
+        elif cast and isinstance(value, Sequence) or (
+            isinstance(value, list) and value and isinstance(value[0], Tensor)
+        ):
+            # a lazily computed sequence of activations (ClientParty.lazy_pairs) counts as a list
             scalars[key + "#"] = len(value)
             for i, t in enumerate(value):
                 tensors[f"{key}.{i}"] = t.to(wire_dtype) if cast else t
@@ -164,17 +168,21 @@ def _build(
     return cls(**values)
 
 
-def to_bytes(message: Any, wire_dtype: torch.dtype = torch.float32) -> bytes:
-    scalars: dict[str, Any] = {}
+def to_bytes(
+    message: Any, wire_dtype: torch.dtype = torch.float32, extra: dict[str, Any] | None = None
+) -> bytes:
+    """Encode a message; `extra` scalars (keys starting with "@", which no field has) ride along
+    for the transport's own use."""
+    scalars: dict[str, Any] = dict(extra or {})
     tensors: dict[str, Tensor] = {}
     _flatten(message, "", wire_dtype, scalars, tensors)
     return encode(type(message).__name__, scalars, tensors)
 
 
-def from_bytes(
-    buf: bytes, compute_dtype: torch.dtype = torch.float32, limits: Limits | None = None
+def message_from_parts(
+    kind: str, scalars: dict[str, Any], tensors: dict[str, Tensor], compute_dtype: torch.dtype
 ) -> Any:
-    kind, scalars, tensors = decode(buf, limits)
+    """Build the message named `kind` from decoded scalars and tensors (see `codec.decode`)."""
     cls = MESSAGES.get(kind)
     if cls is None:
         raise CodecError(f"unknown message kind {kind!r}")
@@ -182,3 +190,10 @@ def from_bytes(
         return _build(cls, "", scalars, tensors, compute_dtype)
     except TypeError as err:
         raise CodecError(f"{kind}: {err}") from None
+
+
+def from_bytes(
+    buf: bytes, compute_dtype: torch.dtype = torch.float32, limits: Limits | None = None
+) -> Any:
+    kind, scalars, tensors = decode(buf, limits)
+    return message_from_parts(kind, scalars, tensors, compute_dtype)

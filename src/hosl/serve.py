@@ -1,0 +1,223 @@
+"""`hosl serve`: the server process of a split run over the network.
+
+    load the model -> keep blocks k..N-1, the final norm and the head (drop the client's part)
+    -> ServerParty + optimizer from the same TrainConfig fields as `hosl train`
+    -> resume from the run directory's checkpoint and journal, if asked
+    -> serve gRPC until SIGTERM/SIGINT -> checkpoint -> exit
+
+The server never sees text: clients send activations, the attention mask, position ids, labels
+and candidate token ids. Its run directory holds `config.yaml`, `server.log`, `journal.jsonl`
+(the committed replies that let a client replay its updates) and `checkpoints/` (every
+`checkpoint_every` steps, whenever a client's session ends, and on SIGTERM).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+import grpc
+import torch
+
+from hosl.build import DTYPES
+from hosl.checkpoint import load_latest, save_checkpoint
+from hosl.config import TrainConfig, dump_config
+from hosl.errors import ConfigError
+from hosl.models.loading import load_pretrained
+from hosl.models.split import num_layers, split_model
+from hosl.optim import build_optimizer, build_scheduler
+from hosl.parties.server import ServerParty
+from hosl.transport.framing import grpc_options
+from hosl.transport.grpc_server import ServerState, SplitServicer
+from hosl.transport.handshake import identity_for
+from hosl.transport.ledger import Journal, StepLedger
+from hosl.transport.security import TokenInterceptor, is_loopback, server_credentials
+
+SHUTDOWN_GRACE_S = 5.0
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0: any free port (written to server.json)
+    token: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    max_frame_mb: int = 1024  # the largest message (one activation tensor) accepted
+
+
+def _run_dir(cfg: TrainConfig, resume_dir: Path | None) -> Path:
+    if resume_dir is not None:
+        return resume_dir
+    if cfg.output:
+        path = Path(cfg.output)
+        if path.exists() and any(path.iterdir()):
+            raise ConfigError(
+                f"server directory {path} is not empty; continue it with --resume {path} "
+                "or choose another --output"
+            )
+        return path
+    return Path("runs") / f"serve-{cfg.mode}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _logger(run_dir: Path) -> logging.Logger:
+    log = logging.getLogger("hosl.serve")
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    for handler in list(log.handlers):
+        log.removeHandler(handler)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
+    for handler in (logging.FileHandler(run_dir / "server.log"), logging.StreamHandler()):
+        handler.setFormatter(fmt)
+        log.addHandler(handler)
+    return log
+
+
+def build_server_party(cfg: TrainConfig) -> tuple[ServerParty, object, int]:
+    """(party, model config, hidden size): only the server's part of the model stays in memory."""
+    if cfg.mode not in ("hosl", "fo", "zo"):
+        raise ConfigError(f"hosl serve runs the split modes hosl, fo and zo, not {cfg.mode!r}")
+    model, _ = load_pretrained(cfg.model.name, dtype=DTYPES[cfg.model.dtype])
+    n = num_layers(model)
+    if not 0 <= cfg.model.split_layer <= n:
+        raise ConfigError(
+            f"split_layer must be between 0 and {n} for {cfg.model.name}, "
+            f"got {cfg.model.split_layer}"
+        )
+    config = model.config
+    client_part, server_part = split_model(model, cfg.model.split_layer)
+    del model, client_part  # the embeddings and blocks 0..k-1 are the client's
+    gc.collect()
+    optimizer = scheduler = None
+    if cfg.mode in ("hosl", "fo"):
+        optimizer = build_optimizer(
+            server_part.parameters(),
+            cfg.optim.optimizer,
+            cfg.optim.lr,
+            momentum=cfg.optim.momentum,
+            weight_decay=cfg.optim.weight_decay,
+        )
+        scheduler = build_scheduler(optimizer, cfg.steps, cfg.optim.schedule)
+    party = ServerParty(server_part, optimizer, scheduler, grad_accum=cfg.grad_accum)
+    return party, config, int(config.hidden_size)
+
+
+def serve(
+    cfg: TrainConfig,
+    opts: ServeOptions,
+    *,
+    resume_dir: Path | None = None,
+    stop: threading.Event | None = None,
+) -> int:
+    """Run the server until `stop` is set or SIGTERM/SIGINT arrives; returns the committed step."""
+    if opts.token is None and not is_loopback(opts.host):
+        raise ConfigError(
+            f"refusing to listen on {opts.host} without a token: give --token-file or HOSL_TOKEN "
+            "(or listen on 127.0.0.1)"
+        )
+    credentials = server_credentials(opts.tls_cert, opts.tls_key)
+    run_dir = _run_dir(cfg, resume_dir)
+    torch.manual_seed(cfg.seed)
+    party, config, hidden_size = build_server_party(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    log = _logger(run_dir)
+
+    committed, fingerprint = 0, None
+    if resume_dir is not None and (loaded := load_latest(run_dir)) is not None:
+        committed, state, meta = loaded
+        party.load_state_dict(state["server"])
+        fingerprint = meta.get("run")
+        log.info("resumed %s at committed step %d", run_dir, committed)
+    journal = Journal.open(run_dir / "journal.jsonl", committed)
+    identity = identity_for(
+        cfg.model.name, config, cfg.model.split_layer, cfg.mode, cfg.model.dtype, cfg.grad_accum
+    )
+    saved = {"step": committed}
+
+    def checkpoint(reason: str) -> None:
+        step = state.ledger.committed
+        if step == saved["step"] and (run_dir / "checkpoints" / "latest").is_file():
+            return
+        meta = {"identity": identity.to_json(), "run": state.run_fingerprint, "reason": reason}
+        save_checkpoint(run_dir, step, {"server": party.state_dict()}, meta)
+        saved["step"] = step
+        log.info("checkpoint at step %d (%s)", step, reason)
+
+    def on_commit(step: int) -> None:
+        log.info("committed step %d", step)
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+            checkpoint(f"every {cfg.checkpoint_every} steps")
+
+    state = ServerState(
+        party=party,
+        identity=identity,
+        ledger=StepLedger(committed=committed, journal=journal),
+        hidden_size=hidden_size,
+        log=log,
+        on_commit=on_commit,
+        on_session_end=lambda: checkpoint("session ended"),
+        frame_limit=opts.max_frame_mb << 20,
+        run_fingerprint=fingerprint,
+    )
+    interceptors = [TokenInterceptor(opts.token, log)] if opts.token else []
+    if not opts.token:
+        log.warning("no token given: any client that reaches %s may train this model", opts.host)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=8),
+        handlers=[SplitServicer(state).handler()],
+        interceptors=interceptors,
+        options=grpc_options(server=True),
+        maximum_concurrent_rpcs=16,
+    )
+    address = f"{opts.host}:{opts.port}"
+    try:
+        port = (
+            server.add_secure_port(address, credentials)
+            if credentials is not None
+            else server.add_insecure_port(address)
+        )
+    except RuntimeError:
+        port = 0
+    if not port:
+        raise ConfigError(f"cannot listen on {address}: is the port in use?")
+    server.start()
+    scheme = "TLS" if credentials is not None else "plain TCP"
+    (run_dir / "server.json").write_text(
+        json.dumps({"host": opts.host, "port": port, "pid": os.getpid(), "tls": bool(credentials)})
+    )
+    log.info("listening on %s:%d (%s), mode %s, split layer %d, committed step %d",
+             opts.host, port, scheme, cfg.mode, cfg.model.split_layer, committed)
+
+    stop = stop or threading.Event()
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        def on_signal(signum: int, _frame: FrameType | None) -> None:
+            log.info("received %s; finishing the step in progress", signal.Signals(signum).name)
+            stop.set()
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            previous[signum] = signal.signal(signum, on_signal)
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        state.stopping.set()
+        server.stop(SHUTDOWN_GRACE_S).wait()
+        with state.lock:
+            state.ledger.abort()
+            party.discard_partial_step()
+            checkpoint("shutdown")
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        log.info("stopped at committed step %d", state.ledger.committed)
+    return state.ledger.committed

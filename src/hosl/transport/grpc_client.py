@@ -1,0 +1,286 @@
+"""`GrpcTransport`: the `Transport` the training loops use to reach a remote `hosl serve`.
+
+One persistent bidirectional stream carries the whole session. A step's request goes out as a
+head and one frame per activation, each put on the wire as soon as it exists (when the client
+party computes its perturbed activations lazily, as soon as each forward pass ends), without
+waiting for anything; the server answers once. So a step is one round trip whatever Q is.
+
+Faults: if the stream breaks, the transport reconnects (a fresh channel, with backoff, until
+`reconnect_timeout`) and asks the server where it stands. If the server is still at this step, the
+step's micro-batches are sent again (the server discarded the partial step); if the server had
+committed the step and only the reply was lost, the same request is answered from the server's
+record without being applied twice. Any other answer means the two sides diverged (the server
+restarted from an older checkpoint): `ResyncNeeded` tells the loop to bring the client to the
+server's step first.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from typing import Any
+
+import grpc
+import torch
+
+from hosl.errors import HoslError
+from hosl.transport.base import ResyncNeeded, WireStats
+from hosl.transport.codec import CodecError, decode, encode
+from hosl.transport.framing import (
+    CHUNK_BYTES,
+    DEFAULT_FRAME_LIMIT,
+    grpc_options,
+    read_frames,
+    to_messages,
+)
+from hosl.transport.grpc_server import FULL_METHOD
+from hosl.transport.handshake import Identity
+from hosl.transport.messages import (
+    EvalReply,
+    EvalRequest,
+    FoStepReply,
+    FoStepRequest,
+    HoslStepReply,
+    HoslStepRequest,
+    ZoStepReply,
+    ZoStepRequest,
+    from_bytes,
+)
+from hosl.transport.security import call_metadata
+from hosl.transport.streaming import request_frames
+
+_RETRYABLE = {
+    grpc.StatusCode.UNAVAILABLE,  # server down, restarting, or shutting down
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.ABORTED,  # another client's session has not ended yet
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+log = logging.getLogger(__name__)
+
+
+class _Broken(Exception):
+    """The stream failed in a way a reconnect may cure."""
+
+
+class _Stream:
+    """One gRPC call: frames out through a queue, frames in through a reader thread."""
+
+    def __init__(
+        self, channel: grpc.Channel, metadata: list, chunk_bytes: int, frame_limit: int
+    ) -> None:
+        self._out: queue.Queue[bytes | None] = queue.Queue()
+        self._in: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._chunk = chunk_bytes
+        self._limit = frame_limit
+        self.call = channel.stream_stream(FULL_METHOD)(self._requests(), metadata=metadata)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _requests(self) -> Any:
+        while (message := self._out.get()) is not None:
+            yield message
+
+    def _read(self) -> None:
+        try:
+            for frame in read_frames(self.call, self._limit):
+                self._in.put(("frame", frame))
+            self._in.put(("end", None))
+        except grpc.RpcError as err:
+            self._in.put(("error", err))
+        except CodecError as err:
+            self._in.put(("bad", err))
+
+    def send(self, frame: bytes) -> None:
+        for message in to_messages(frame, self._chunk):
+            self._out.put(message)
+
+    def receive(self, timeout: float) -> bytes:
+        try:
+            what, value = self._in.get(timeout=timeout)
+        except queue.Empty:
+            raise _Broken(f"no answer from the server within {timeout:.0f} s") from None
+        if what == "frame":
+            return value
+        if what == "end":
+            raise _Broken("the server closed the session")
+        if what == "bad":
+            raise HoslError(f"the server sent a malformed frame: {value}")
+        code, details = value.code(), value.details()
+        if code in _RETRYABLE:
+            raise _Broken(f"{code.name}: {details}")
+        raise HoslError(f"the server refused the session ({code.name}): {details}")
+
+    def close(self, timeout: float = 5.0) -> None:
+        self._out.put(None)  # half-close: the server ends the session cleanly
+        self._reader.join(timeout)
+        self.call.cancel()
+
+
+class GrpcTransport:
+    def __init__(
+        self,
+        address: str,
+        identity: Identity,
+        *,
+        wire_dtype: torch.dtype = torch.float32,
+        compute_dtype: torch.dtype = torch.float32,
+        token: str | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        run_fingerprint: dict[str, Any] | None = None,
+        reconnect_timeout: float = 120.0,
+        step_timeout: float = 600.0,
+        chunk_bytes: int = CHUNK_BYTES,
+        frame_limit: int = DEFAULT_FRAME_LIMIT,
+    ) -> None:
+        self.address = address
+        self.identity = identity
+        self.wire_dtype = wire_dtype
+        self.compute_dtype = compute_dtype
+        self.stats = WireStats()
+        self.committed = 0  # the server's committed steps as far as this client knows
+        self._metadata = call_metadata(token)
+        self._credentials = credentials
+        self._run = run_fingerprint
+        self._reconnect_timeout = reconnect_timeout
+        self._step_timeout = step_timeout
+        self._chunk = chunk_bytes
+        self._limit = frame_limit
+        self._channel: grpc.Channel | None = None
+        self._stream: _Stream | None = None
+        self._step_id: int | None = None
+        self._step_requests: list[Any] = []  # this step's earlier micro-batches, for a resend
+
+    # Session -----------------------------------------------------------------------------
+
+    def connect(self) -> int:
+        """Open the session (waiting up to `reconnect_timeout` for the server to come up) and
+        return the server's committed step."""
+        self.committed = self._reconnect(time.monotonic() + self._reconnect_timeout)
+        return self.committed
+
+    def close(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+
+    def _open_once(self) -> int:
+        self.close()
+        options = grpc_options()
+        self._channel = (
+            grpc.secure_channel(self.address, self._credentials, options=options)
+            if self._credentials is not None
+            else grpc.insecure_channel(self.address, options=options)
+        )
+        stream = _Stream(self._channel, self._metadata, self._chunk, self._limit)
+        hello = {
+            "identity": self.identity.to_json(),
+            "wire_dtype": _DTYPE_NAMES[self.wire_dtype],
+            "run": self._run,
+        }
+        stream.send(encode("hello", hello, {}))
+        try:
+            kind, scalars, _ = decode(stream.receive(min(30.0, self._step_timeout)))
+        except CodecError as err:
+            raise HoslError(f"{self.address} sent a malformed welcome: {err}") from None
+        committed = scalars.get("committed")
+        if kind != "welcome" or not isinstance(committed, int):
+            raise HoslError(f"the server at {self.address} did not welcome the session")
+        self._stream = stream
+        return committed
+
+    def _reconnect(self, deadline: float) -> int:
+        delay = 0.1
+        while True:
+            try:
+                return self._open_once()
+            except _Broken as err:
+                if time.monotonic() + delay > deadline:
+                    raise HoslError(
+                        f"cannot reach the hosl server at {self.address} ({err}); is `hosl serve` "
+                        "running there, and are the address and TLS settings right?"
+                    ) from None
+                log.info("server at %s not reachable (%s); retrying", self.address, err)
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    def journal(self, start: int, stop: int) -> list[dict[str, Any]]:
+        """The committed replies of steps start..stop-1, for replaying the client's updates."""
+        assert self._stream is not None, "connect() first"
+        self._stream.send(encode("journal", {"start": start, "stop": stop}, {}))
+        kind, scalars, _ = decode(self._stream.receive(self._step_timeout))
+        entries = scalars.get("entries")
+        if kind != "journal" or not isinstance(entries, list):
+            raise HoslError("the server answered a journal request with something else")
+        return entries
+
+    # Transport ---------------------------------------------------------------------------
+
+    def _exchange(self, req: Any) -> tuple[bytes, int]:
+        """Send one request pipelined (head, then each part as it is produced); one reply."""
+        assert self._stream is not None, "connect() first"
+        head, parts = request_frames(req, self.wire_dtype)
+        self._stream.send(head)
+        up = len(head)
+        for frame in parts:
+            self._stream.send(frame)
+            up += len(frame)
+        return self._stream.receive(self._step_timeout), up
+
+    def _call(self, req: Any, reply_type: type) -> Any:
+        is_eval = isinstance(req, EvalRequest)
+        if not is_eval and req.step != self._step_id:
+            self._step_id, self._step_requests = req.step, []
+        deadline = time.monotonic() + self._reconnect_timeout
+        resend = False
+        while True:
+            try:
+                if self._stream is None:
+                    raise _Broken("not connected")
+                if resend:  # the server discarded this step's earlier micro-batches
+                    for earlier in self._step_requests:
+                        self._exchange(earlier)
+                down, up = self._exchange(req)
+                break
+            except _Broken as err:
+                log.warning("lost the server (%s); reconnecting", err)
+                resend = self._after_reconnect(req, self._reconnect(deadline), is_eval)
+        reply = from_bytes(down, self.compute_dtype)
+        if not isinstance(reply, reply_type):
+            raise HoslError(f"expected a {reply_type.__name__}, got a {type(reply).__name__}")
+        self.stats.record(is_eval, up, len(down))
+        if not is_eval:
+            self._step_requests.append(req)
+            if req.update:
+                self.committed = req.step + 1
+        return reply
+
+    def _after_reconnect(self, req: Any, committed: int, is_eval: bool) -> bool:
+        """After a reconnect: may `req` be sent again, and must the step's earlier micro-batches
+        go first? Raises ResyncNeeded when the server is not where this client is."""
+        if is_eval:
+            if committed != self.committed:
+                raise ResyncNeeded(committed)
+            return False
+        if req.update and committed == req.step + 1:
+            return False  # committed, reply lost: the server answers from its record
+        if committed != req.step:
+            raise ResyncNeeded(committed)
+        return bool(self._step_requests)
+
+    def hosl_step(self, req: HoslStepRequest) -> HoslStepReply:
+        return self._call(req, HoslStepReply)
+
+    def fo_step(self, req: FoStepRequest) -> FoStepReply:
+        return self._call(req, FoStepReply)
+
+    def zo_step(self, req: ZoStepRequest) -> ZoStepReply:
+        return self._call(req, ZoStepReply)
+
+    def evaluate(self, req: EvalRequest) -> EvalReply:
+        return self._call(req, EvalReply)
