@@ -158,7 +158,6 @@ def _train_loop(
         elapsed = float(meta.get("wall_seconds", 0.0))
         if run.transport is not None:
             run.transport.stats.load(meta.get("wire", {}))
-        _trim_metrics(run_dir / "metrics.jsonl", start)  # steps after the checkpoint rerun
         echo(f"resumed {run_dir} at step {start}")
     session = None
     if transport is not None:
@@ -309,11 +308,3 @@ def memory_line(summary: dict[str, Any]) -> str:
 def _param_count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
-
-def _trim_metrics(path: Path, last_step: int) -> None:
-    """Drop lines logged after the checkpoint a run resumes from: those steps run again."""
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= last_step]
-    path.write_text("".join(line + "\n" for line in kept))
