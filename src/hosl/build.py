@@ -118,7 +118,8 @@ def build_run(
         server = ServerParty(server_part, server_opt, server_sched, grad_accum=cfg.grad_accum)
         dtype = DTYPES[cfg.model.dtype]
         transport = LocalTransport(
-            server, wire_dtype=DTYPES[cfg.wire_dtype], client_dtype=dtype, server_dtype=dtype
+            server, wire_dtype=DTYPES[cfg.wire_dtype], client_dtype=dtype, server_dtype=dtype,
+            client=client,
         )
     runner = SplitRunner(
         client=client,

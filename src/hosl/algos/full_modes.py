@@ -53,9 +53,10 @@ class FullRunner(PartyState):
 def fo_full_step(run: FullRunner, micro_batches: Sequence[Batch], step: int) -> float:
     losses = []
     for batch in micro_batches:
-        loss = run.loss(batch)
-        (loss / len(micro_batches)).backward()
-        losses.append(loss.item())
+        with run.phase("forward_backward"):
+            loss = run.loss(batch)
+            (loss / len(micro_batches)).backward()
+            losses.append(loss.item())
     run.optimizer_step()
     return sum(losses) / len(losses)
 
@@ -66,14 +67,16 @@ def zo_full_step(run: FullRunner, micro_batches: Sequence[Batch], step: int) -> 
     for m, batch in enumerate(micro_batches):
         for q in range(run.q):
             seed = perturbation_seed(run.run_seed, step, m, q)
-            with torch.inference_mode(), PerturbedForward(run.zo, seed, +run.eps):
-                plus = run.loss(batch).item()
-            with torch.inference_mode(), PerturbedForward(run.zo, seed, -run.eps):
-                minus = run.loss(batch).item()
+            with run.phase("zo_estimate"), torch.inference_mode():
+                with PerturbedForward(run.zo, seed, +run.eps):
+                    plus = run.loss(batch).item()
+                with PerturbedForward(run.zo, seed, -run.eps):
+                    minus = run.loss(batch).item()
             g = projected_gradient(plus, minus, run.eps)
             pending.append((seed, g / (run.q * len(micro_batches))))
             losses.append((plus + minus) / 2)
-    apply_zo_update_(run.zo, pending, run.zo_lr(step))
+    with run.phase("update"):
+        apply_zo_update_(run.zo, pending, run.zo_lr(step))
     return sum(losses) / len(losses)
 
 

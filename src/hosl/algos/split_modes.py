@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from hosl.batching import Batch
-from hosl.models.split import Activations
+from hosl.models.split import Activations, position_ids_from_mask
 from hosl.parties.client import ClientParty
 from hosl.transport.base import Transport
 from hosl.transport.messages import (
@@ -47,7 +47,12 @@ class SplitRunner:
         ).scores
 
 
-def cut(batch: Batch, acts: Activations) -> CutBatch:
+def cut(batch: Batch, acts: Activations | None = None) -> CutBatch:
+    """What the server needs besides hidden states; positions come from the mask alone."""
+    if acts is None:
+        mask = batch.attention_mask
+        return CutBatch(attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                        spec=batch.spec)
     return CutBatch(
         attention_mask=acts.attention_mask, position_ids=acts.position_ids, spec=batch.spec
     )
@@ -115,7 +120,7 @@ def zo_step(run: SplitRunner, micro_batches: Sequence[Batch], step: int) -> floa
                 lr=lr,
                 eps=run.eps,
                 seeds=seeds,
-                batch=cut(batch, run.client.activations(batch)),
+                batch=cut(batch),  # ZO-ZO needs no clean forward pass
                 perturbed=perturbed,
             )
         )

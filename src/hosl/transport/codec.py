@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,8 +131,13 @@ def decode(
         if nbytes == 0:
             tensors[name] = torch.empty(shape, dtype=dtype)
             continue
-        raw = torch.frombuffer(bytearray(payload[start : start + nbytes]), dtype=torch.uint8)
-        tensors[name] = raw.view(dtype).reshape(shape)
+        # Allocate through torch (so memory meters see the tensor) and copy the bytes in once.
+        out = torch.empty(shape, dtype=dtype)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # read-only source, only read from
+            src = torch.frombuffer(payload[start : start + nbytes], dtype=torch.uint8)
+        out.reshape(-1).view(torch.uint8).copy_(src)
+        tensors[name] = out
     scalars = header.get("scalars", {})
     if not isinstance(scalars, dict):
         raise CodecError("scalars must be an object")

@@ -8,11 +8,13 @@ exactly its networked effect on the numbers, and the server never sees a client 
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
 import torch
 
 from hosl.parties.server import ServerParty
+from hosl.parties.state import PartyState
 from hosl.transport.base import WireStats
 from hosl.transport.messages import (
     EvalReply,
@@ -35,8 +37,10 @@ class LocalTransport:
         wire_dtype: torch.dtype = torch.float32,
         client_dtype: torch.dtype = torch.float32,
         server_dtype: torch.dtype = torch.float32,
+        client: PartyState | None = None,
     ) -> None:
         self.server = server
+        self.client = client  # only to meter what the client decodes
         self.wire_dtype = wire_dtype
         self.client_dtype = client_dtype
         self.server_dtype = server_dtype
@@ -51,7 +55,9 @@ class LocalTransport:
         reply = handler(decoded)
         down = to_bytes(reply, self.wire_dtype)
         self.stats.record(isinstance(request, EvalRequest), len(up), len(down))
-        return from_bytes(down, self.client_dtype)
+        # likewise the reply (e.g. the FO client's ∂L/∂h) is the client's memory
+        with self.client.phase("receive") if self.client is not None else nullcontext():
+            return from_bytes(down, self.client_dtype)
 
     def hosl_step(self, req: HoslStepRequest) -> HoslStepReply:
         return self._call(self.server.hosl_step, req)
