@@ -26,16 +26,27 @@ split layer have a single party, "model". Gradients are freed between steps (zer
 set_to_none); ZO parties use plain SGD on the projected gradient, so they hold no optimizer state
 whatever `optimizer` says.
 
-Boundary activations are the (B, L, H) tensors crossing the cut that a party holds at once. With
-one round trip per step the HOSL client sends the 2Q perturbed outputs and the unperturbed one
-together (2Q+1), ZO-ZO sends 2Q, FO-FO holds h and dL/dh (2); `boundary_copies` overrides this.
+Boundary activations are the (B, L, H) tensors crossing the cut that a party holds, counted
+separately for its forward passes and for the rest of its step, as the split loops hold them
+(one round trip per step):
+- HOSL: the client holds the 2Q perturbed outputs while it runs the clean forward, then sends all
+  2Q+1 and still holds them through its update; the server holds the 2Q+1 it received throughout.
+- FO-FO: the client's own output is one of its stored activations; it holds dL/dh (1) through
+  backward. The server holds the h it received (1); the dL/dh it returns is made at the very end
+  of its backward, when most activations are freed.
+- ZO-ZO: the client holds its 2Q perturbed outputs (its clean forward only produces the masks the
+  server needs); the server holds the 2Q it received.
+- inference: the client's output is made after its last block's working set is freed (0); the
+  server holds what it received (1).
+`boundary_copies` replaces all of these with one count for every party and phase. Serialised
+wire buffers (bytes, not tensors) are not counted.
 
 Kernels assumed: `attention="eager"` (the default: the (B, heads, L, L) probabilities are
 stored, as transformers' eager attention does) or `attention="sdpa"` (fused, nothing quadratic
-stored); no KV cache, dropout off, transformers 5.x modelling code, CPU kernels. Calibrated
-against `PartyMeter` on whole-model inference and FO steps (see `hosl.memory.families`); the
-split-specific parts (boundary copies, the HOSL server's evaluation phase) follow this docstring
-and are to be checked against the split training loops.
+stored); no KV cache, dropout off, transformers 5.x modelling code, CPU kernels. hosl loads
+models with transformers' default, sdpa; `hosl memory` assumes it. Calibrated against
+`PartyMeter` on whole-model inference and FO steps (see `hosl.memory.families`) and checked
+against the real split training loops of every mode, per party (tests/test_memory_split.py).
 """
 
 from __future__ import annotations
@@ -135,8 +146,19 @@ def _check(choice: str, allowed: tuple[str, ...], what: str) -> None:
         raise ConfigError(f"unknown {what} {choice!r}; choose one of: {', '.join(allowed)}")
 
 
-def _default_boundary_copies(mode: str, q: int) -> int:
-    return {"hosl": 2 * q + 1, "zo": 2 * q, "fo": 2, "inference": 1}.get(mode, 0)
+def _default_boundary_copies(mode: str, party: str, q: int) -> tuple[int, int]:
+    """(held during the party's forward passes, held during the rest of its step)."""
+    copies = {
+        ("hosl", "client"): (2 * q, 2 * q + 1),
+        ("hosl", "server"): (2 * q + 1, 2 * q + 1),
+        ("fo", "client"): (0, 1),
+        ("fo", "server"): (1, 1),
+        ("zo", "client"): (2 * q, 2 * q),
+        ("zo", "server"): (2 * q, 2 * q),
+        ("inference", "client"): (0, 0),
+        ("inference", "server"): (1, 1),
+    }
+    return copies.get((mode, party), (0, 0))
 
 
 def _terms_bytes(terms: tuple[Term, ...], shapes: ModelShapes, tokens: int, length: int,
@@ -147,7 +169,7 @@ def _terms_bytes(terms: tuple[Term, ...], shapes: ModelShapes, tokens: int, leng
 
 def _plan(shapes: ModelShapes, table: ActivationTable, party: str, split_layer: int | None, *,
           batch: int, length: int, act_bytes: int, positions: int, logits: str,
-          boundary: int) -> PartPlan:
+          boundary: tuple[int, int]) -> PartPlan:
     """Bytes of everything one party holds, before the role decides which of it is live when."""
     n_layers = shapes.n_layers
     if party == "client":
@@ -190,7 +212,9 @@ def _plan(shapes: ModelShapes, table: ActivationTable, party: str, split_layer: 
         mask=nbytes(table.mask) if layers else 0,
         # Logits in the activation dtype plus the float32 log-softmax the loss is taken from.
         scores=scored * (act_bytes + 4) if has_head else 0,
-        boundary=boundary * hidden,
+        score_grads=scored * 8 if has_head else 0,
+        boundary_forward=boundary[0] * hidden,
+        boundary=boundary[1] * hidden,
     )
 
 
@@ -238,13 +262,15 @@ def estimate(
             )
     else:
         split_layer = None
-    copies = _default_boundary_copies(mode, q) if boundary_copies is None else boundary_copies
     act_bytes = DTYPE_BYTES[dtype]
     parties: dict[str, PartyEstimate] = {}
     for party, role in roles.items():
+        copies = _default_boundary_copies(mode, party, q)
+        if boundary_copies is not None and party != "model":
+            copies = (boundary_copies, boundary_copies)
         plan = _plan(
             shapes, table, party, split_layer, batch=batch, length=length, act_bytes=act_bytes,
-            positions=positions, logits=logits, boundary=copies if party != "model" else 0,
+            positions=positions, logits=logits, boundary=copies,
         )
         state_per_param = OPTIMIZER_STATES[optimizer] if role == "fo" else 0
         evaluates = mode == "hosl" and party == "server"

@@ -15,7 +15,12 @@ batch, length, hidden, intermediate, heads, KV heads and head_dim (eager in floa
 sdpa in float32 and checked in bfloat16). There is one table per attention kernel: "eager"
 (stores the (B, heads, L, L) probabilities) and "sdpa" (PyTorch's fused
 scaled_dot_product_attention, which stores none). Whole-model peaks at the real SmolLM2-135M and
-OPT-125M shapes (batch 4 x 512 tokens) agree with measurement within 1.1%. Kernels other than
+OPT-125M shapes (batch 4 x 512 tokens) agree with measurement within 1.1%. The Llama and OPT
+tables were then checked op by op against hosl's own split stages and training loops (every mode,
+MLP widths 2H and 4H — OPT's real ratio — see tests/test_memory_split.py), which fixed the MLP
+halves of the forward and backward working sets, the rotary cos/sin tables Llama keeps alive
+through its blocks, and the input side: hosl's embedding stages return one (B, L, H) tensor,
+which the part keeps while its blocks run. Kernels other than
 these change the counts: fused RMSNorm/GELU kernels store fewer copies, CUDA layer norm keeps its
 statistics in float32, a KV cache adds K and V per block.
 """
@@ -38,9 +43,10 @@ class Term:
     same but only with grouped-query attention (K and V before eager attention repeats them),
     "i" MLP intermediate, "s" heads·L (attention scores: B·heads·L·L elements), "mask" L (a
     (B, 1, L, L) attention mask), "heads" (per-head statistics such as SDPA's logsumexp),
-    "row" 1 (per-token statistics such as a norm's rstd). `n` tensors are in the activation
-    dtype, `n32` always in float32, and `n_up` are float32 copies that exist only when the
-    activation dtype is 16-bit (a kernel upcasting its input: RMSNorm, softmax(dtype=float32)).
+    "hd" head_dim (rotary cos/sin tables), "row" 1 (per-token statistics such as a norm's
+    rstd). `n` tensors are in the activation dtype, `n32` always in float32, and `n_up` are
+    float32 copies that exist only when the activation dtype is 16-bit (a kernel upcasting its
+    input: RMSNorm, softmax(dtype=float32)).
     """
 
     unit: str
@@ -60,14 +66,16 @@ class ActivationTable:
     layer_stored: tensors one block saves for backward (its output residual included).
     forward_work: alternatives (attention half, MLP half); the larger is what a block holds at
         once in a forward pass without a graph, beyond the residual stream entering it.
-    backward_work: alternatives likewise for one block's backward, beyond its stored activations
-        and its new parameter gradients.
+    backward_work: alternatives likewise for one block's backward, beyond its stored activations,
+        the incoming gradient and its new parameter gradients (the MLP half: the gradient of the
+        MLP's wide activation and the one its nonlinearity's backward makes, 2 x i).
     embedding_stored: what the input side saves for backward (block 0's input).
     embedding_held / embedding_held_graph: what the input side keeps alive until the last block
-        has run (the decoders keep `inputs_embeds` and position embeddings as locals), beyond the
-        residual stream without a graph, beyond `embedding_stored` with one.
+        has run (hosl's parts keep the embedding stage's output while their blocks run), beyond
+        the residual stream without a graph, beyond `embedding_stored` with one.
     head_stored: the final norm's outputs and statistics (logits are counted separately).
-    mask: alive through a forward of any block: the (B, 1, L, L) additive causal mask.
+    mask: alive through a forward of any block: the (B, 1, L, L) additive causal mask, and
+        Llama's rotary cos/sin tables, computed once per part.
     """
 
     layer_stored: tuple[Term, ...]
@@ -110,6 +118,7 @@ class ModelShapes:
             "s": self.heads * length,
             "mask": length,
             "heads": self.heads,
+            "hd": self.head_dim,
             "row": 1,
         }
 
@@ -127,13 +136,15 @@ LLAMA_EAGER = ActivationTable(
     ),
     forward_work=(
         (Term("h", n=1), Term("q", n=3), Term("kvr", n=2), Term("s", n=2, n_up=1)),
-        (Term("h", n=2), Term("i", n=3)),
+        # The decoder layer keeps the attention probabilities alive through its MLP.
+        (Term("h", n=2), Term("i", n=3), Term("s", n=1)),
     ),
-    backward_work=((Term("s", n=1),), (Term("i", n=1),)),
+    backward_work=((Term("s", n=1),), (Term("i", n=2),)),
     embedding_stored=(Term("h", n=1),),
     embedding_held=(Term("h", n=1),),
     embedding_held_graph=(),
     head_stored=(Term("h", n=2, n_up=1), Term("row", n32=1)),
+    mask=(Term("mask", n=1), Term("hd", n=2)),
 )
 
 # OPT: pre-LayerNorm blocks with biases and ReLU (only the ReLU output is stored on the MLP side);
@@ -142,12 +153,12 @@ OPT_EAGER = ActivationTable(
     layer_stored=(Term("h", n=8), Term("i", n=1), Term("s", n=1, n_up=1), Term("row", n=4)),
     forward_work=(
         (Term("h", n=4), Term("s", n=2, n_up=1)),
-        (Term("h", n=2), Term("i", n=2), Term("s", n=1)),
+        (Term("h", n=1), Term("i", n=2), Term("s", n=1)),
     ),
-    backward_work=((Term("s", n=1),), (Term("i", n=1),)),
+    backward_work=((Term("s", n=1),), (Term("i", n=2),)),
     embedding_stored=(Term("h", n=1),),
-    embedding_held=(Term("h", n=2),),
-    embedding_held_graph=(Term("h", n=2),),
+    embedding_held=(Term("h", n=1),),
+    embedding_held_graph=(),
     head_stored=(Term("h", n=1), Term("row", n=2)),
 )
 
@@ -183,21 +194,21 @@ LLAMA_SDPA = ActivationTable(
         (Term("h", n=2), Term("q", n=3), Term("kv", n=2)),
         (Term("h", n=2), Term("i", n=3)),
     ),
-    backward_work=((Term("q", n=3),), (Term("i", n=1),)),
+    backward_work=((Term("q", n=3),), (Term("i", n=2),)),
     embedding_stored=(Term("h", n=1),),
     embedding_held=(Term("h", n=1),),
     embedding_held_graph=(),
     head_stored=(Term("h", n=2, n_up=1), Term("row", n32=1)),
-    mask=(),
+    mask=(Term("hd", n=2),),
 )
 
 OPT_SDPA = ActivationTable(
     layer_stored=(Term("h", n=8), Term("i", n=1), Term("heads", n32=1), Term("row", n=4)),
-    forward_work=((Term("h", n=6),), (Term("h", n=2), Term("i", n=2))),
-    backward_work=((Term("h", n=3),), (Term("i", n=1),)),
+    forward_work=((Term("h", n=6),), (Term("h", n=1), Term("i", n=2))),
+    backward_work=((Term("h", n=3),), (Term("i", n=2),)),
     embedding_stored=(Term("h", n=1),),
-    embedding_held=(Term("h", n=2),),
-    embedding_held_graph=(Term("h", n=2),),
+    embedding_held=(Term("h", n=1),),
+    embedding_held_graph=(),
     head_stored=(Term("h", n=1), Term("row", n=2)),
     mask=(),
 )

@@ -31,7 +31,9 @@ class PartPlan:
     head_stored: int
     mask: int  # the attention mask, alive while blocks run
     scores: int  # logits + log-softmax at the scored positions (or all, for full logits)
-    boundary: int  # activations crossing the cut that the party holds at once
+    score_grads: int  # their float32 gradients in backward: of the log-softmax, of the logits
+    boundary_forward: int  # activations crossing the cut held while the party runs a forward
+    boundary: int  # ... held during the rest of its step (backward, update, evaluation)
 
     @property
     def has_embedding(self) -> bool:
@@ -61,21 +63,33 @@ class PartPlan:
         return self.embedding_stored + self.layers * self.layer_stored + self.head_stored
 
 
+def _block_stream(plan: PartPlan) -> int:
+    """The residual stream entering a block beyond what the party already holds: the first
+    block's input is the embedding output (held) or a received activation (boundary), so only
+    parties with two or more blocks hold a separate one at their peak."""
+    return plan.hidden if plan.layers >= 2 else 0
+
+
 def _forward_only_extra(plan: PartPlan) -> int:
-    """Working bytes of a forward pass without a graph: the residual stream plus the larger of
-    one block's working set (with what the input side keeps alive and the mask) and the output
-    side's (final norm outputs and scores)."""
-    candidates = [plan.embedding_held + plan.mask + (plan.layer_work if plan.layers else 0)]
+    """Working bytes of a forward pass without a graph: the larger of one block's working set
+    (with the residual stream entering it, what the input side keeps alive and the mask) and the
+    output side's (the last block's output, final norm outputs and scores)."""
+    candidates = [
+        _block_stream(plan) + plan.embedding_held + plan.mask
+        + (plan.layer_work if plan.layers else 0)
+    ]
     if plan.has_head:
-        candidates.append(plan.head_stored + plan.scores)
-    return plan.hidden + max(candidates)
+        candidates.append(plan.hidden + plan.head_stored + plan.scores)
+    return max(candidates)
 
 
 def _transient(plan: PartPlan) -> int:
-    """The largest forward working set apart from the scores: the residual stream plus one
-    block's working set (with the input side's held tensors and the mask) or the final norm's."""
-    block = plan.embedding_held + plan.mask + (plan.layer_work if plan.layers else 0)
-    return plan.hidden + max(block, plan.head_stored)
+    """The largest forward working set apart from the scores: one block's (with the residual
+    stream entering it, the input side's held tensors and the mask) or the final norm's (with
+    the last block's output)."""
+    block = _block_stream(plan) + plan.embedding_held + plan.mask
+    block += plan.layer_work if plan.layers else 0
+    return max(block, plan.hidden + plan.head_stored)
 
 
 def _forward_with_graph_extra(plan: PartPlan) -> int:
@@ -99,8 +113,9 @@ def _backward_extra(plan: PartPlan) -> int:
         head_grads = sum(plan.head_params)
         if plan.tied_in_party:
             head_grads += plan.embedding_vocab_bytes
-        # The gradients of the log-softmax and of the logits are made next to the saved ones.
-        peak = max(peak, live + head_grads + 2 * plan.scores)
+        # The gradients of the log-softmax and then of the logits are made next to the saved
+        # ones; the head's gradient comes after the first of them is freed.
+        peak = max(peak, live + max(plan.score_grads, plan.score_grads // 2 + head_grads))
         live += head_grads - plan.scores - plan.head_stored
     for _ in range(plan.layers):
         peak = max(peak, live + layer_grads + plan.layer_backward_work)
@@ -133,22 +148,23 @@ def party_phases(
         "stored_activations": plan.stored if fo else 0,
         "transient": _transient(plan),
         "perturbation": plan.largest_tensor if role == "zo" else 0,
-        "boundary": plan.boundary,
+        "boundary": max(plan.boundary, plan.boundary_forward),
         "scores": plan.scores,
     }
     resident = params + components["optimizer_state"]
     phases: dict[str, int] = {}
     if fo:
-        phases["forward"] = resident + plan.boundary + _forward_with_graph_extra(plan)
+        phases["forward"] = resident + plan.boundary_forward + _forward_with_graph_extra(plan)
         phases["backward"] = resident + plan.boundary + _backward_extra(plan)
         # PyTorch's single-tensor AdamW builds its denominator sqrt(v) / c + eps out of place:
         # two temporaries of the tensor being updated are live for a moment.
         step_temporary = 2 * plan.largest_tensor if state_per_param == 2 else 0
-        phases["update"] = resident + params + step_temporary
+        phases["update"] = resident + plan.boundary + params + step_temporary
         if evaluates:
             phases["eval"] = resident + plan.boundary + _forward_only_extra(plan)
     else:
-        phases["forward"] = resident + plan.boundary + _forward_only_extra(plan)
+        phases["forward"] = resident + plan.boundary_forward + _forward_only_extra(plan)
         if role == "zo":
+            # One perturbed or noise tensor at a time, at most the largest parameter's size.
             phases["perturb"] = resident + plan.boundary + plan.largest_tensor
     return components, phases
