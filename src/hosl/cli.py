@@ -183,6 +183,29 @@ def cmd_memory(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from hosl.sweep import run_sweep
+
+    results = run_sweep(
+        Path(args.sweep_file), dry_run=args.dry_run,
+        output_root=Path(args.output_root) if args.output_root else None,
+        overrides=_parse_set(args.set or []), progress=not args.no_progress,
+    )
+    print(f"results: {results}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from hosl.report import default_out, find_runs, make_report
+
+    dirs = [Path(d) for d in args.run_dirs]
+    out = Path(args.out) if args.out else default_out(find_runs(dirs))
+    for path in make_report(dirs, out):
+        print(path)
+    print(out / "report.md")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="hosl", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -243,6 +266,21 @@ def build_parser() -> argparse.ArgumentParser:
     mem.add_argument("--q", type=int, default=1)
     mem.add_argument("--json", action="store_true", help="print JSON instead of a table")
     mem.set_defaults(func=cmd_memory)
+
+    sweep = sub.add_parser("sweep", help="run a grid or list of configurations, collect a table")
+    sweep.add_argument("sweep_file", help="sweep YAML: base config plus grid: or runs:")
+    sweep.add_argument("--dry-run", action="store_true", help="list the runs, run nothing")
+    sweep.add_argument("--output-root", help="where run directories go (default: the file's)")
+    sweep.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="dotted override for every run (not part of run names)")
+    sweep.add_argument("--no-progress", action="store_true")
+    sweep.set_defaults(func=cmd_sweep)
+
+    report = sub.add_parser("report", help="PNG plots of runs: loss, accuracy vs step, k, Q")
+    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                        help="run directories, or folders searched for them (a sweep root)")
+    report.add_argument("--out", help="output folder (default: beside the runs)")
+    report.set_defaults(func=cmd_report)
     return parser
 
 

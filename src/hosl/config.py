@@ -8,6 +8,7 @@ resolved configuration is written into every run directory as `config.yaml`.
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +76,22 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML reads `1e-6` as a string (YAML 1.1); learning rates are written that way."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def load_yaml(text: str) -> Any:
+    """Safe YAML (no arbitrary objects) that also reads `1e-6` as a float."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
@@ -84,7 +101,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if isinstance(value, str) and hint is not str:
         if value.lower() in ("null", "none") and type(None) in typing.get_args(hint):
             return None
-        value = yaml.safe_load(value)
+        value = load_yaml(value)
     base = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
     target = base[0]
     if value is None and type(None) in typing.get_args(hint):
@@ -138,7 +155,7 @@ def load_config(
         if not p.is_file():
             raise ConfigError(f"config file {p} does not exist")
         try:
-            loaded = yaml.safe_load(p.read_text()) or {}
+            loaded = load_yaml(p.read_text()) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"config file {p} is not valid YAML: {err}".splitlines()[0]) from None
         if not isinstance(loaded, dict):

@@ -204,13 +204,17 @@ def _train_loop(
     loss = float("nan")
     meters = {name: party.start_metering(name) for name, party in run.parties().items()}
     step, final, train_seconds = start, None, 0.0
+    step_times: dict[bool, list[float]] = {True: [], False: []}  # metered? -> seconds per step
     while final is None:
         try:
             while step < cfg.steps:
                 if step == start + cfg.memory_steps:
                     for party in run.parties().values():
                         party.stop_metering()  # peaks repeat every step; tracking costs time
+                metered = step < start + cfg.memory_steps
+                tick = time.perf_counter()
                 loss = run.train_step(batches(step), step)
+                step_times[metered].append(time.perf_counter() - tick)
                 done = step = step + 1
                 bar.update(1)
                 if done % cfg.log_every == 0 or done == cfg.steps:
@@ -240,8 +244,10 @@ def _train_loop(
     bar.close()
     log({"step": cfg.steps, "eval_accuracy": final})
 
-    steps_run = cfg.steps - start
     stats = run.transport.stats if run.transport is not None else None
+    # Steady-state step time: the metered steps are slower (tracking costs time on every op).
+    plain, metered_times = step_times[False], step_times[True]
+    timed = plain or metered_times
     summary = {
         "mode": cfg.mode,
         "model": cfg.model.name,
@@ -250,7 +256,10 @@ def _train_loop(
         "q": cfg.zo.q,
         "steps": cfg.steps,
         "batch_size": cfg.batch_size,
+        "seed": cfg.seed,
         "eval_examples": len(eval_set),
+        "client_params": _param_count(run.parties()["client"].part),
+        "server_params": _param_count(run.server.part) if run.server is not None else None,
         "zero_shot_accuracy": zero_shot,
         "eval_accuracy": final,
         "final_loss": loss,
@@ -264,7 +273,10 @@ def _train_loop(
         "eval_wire_bytes": stats.eval.wire_bytes if stats else 0,
         "eval_round_trips": stats.eval.round_trips if stats else 0,
         "wall_seconds": elapsed + train_seconds,
-        "seconds_per_step": train_seconds / steps_run if steps_run else None,
+        "seconds_per_step": sum(timed) / len(timed) if timed else None,
+        "seconds_per_metered_step": (
+            sum(metered_times) / len(metered_times) if metered_times else None
+        ),
         "server": transport.address if transport is not None else None,
         "wire_dtype": cfg.wire_dtype,
         "run_dir": str(run_dir),
@@ -291,3 +303,8 @@ def memory_line(summary: dict[str, Any]) -> str:
     return (f"peak memory: client {_mb(summary['client_peak_bytes'])}, "
             f"server {_mb(summary['server_peak_bytes'])} (live tensor bytes per party; "
             f"process RSS {_mb(summary['peak_rss_bytes'])})")
+
+
+def _param_count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
