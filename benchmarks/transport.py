@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import logging
 import os
 import platform
 import statistics
@@ -23,7 +24,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import ExitStack
+from concurrent import futures
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
 import grpc
@@ -34,9 +36,16 @@ from hosl.build import build_run
 from hosl.config import DataConfig, ModelConfig, OptimConfig, TrainConfig, ZoConfig
 from hosl.models.loading import load_pretrained
 from hosl.remote import RemoteOptions, make_transport
+from hosl.transport.framing import grpc_options
+from hosl.transport.grpc_client import GrpcTransport
+from hosl.transport.grpc_server import ServerState, SplitServicer
+from hosl.transport.handshake import PROTOCOL_VERSION, Identity
+from hosl.transport.ledger import StepLedger
+from hosl.transport.local import LocalTransport
+from hosl.transport.messages import CutBatch, HoslStepReply, HoslStepRequest
 
 ROOT = Path(__file__).resolve().parent
-BATCH, LENGTH = 16, 64
+BATCH, LENGTH, HIDDEN = 16, 64, 576
 SPLIT = 4  # --split-layer; the default of hosl's config
 
 
@@ -147,6 +156,92 @@ def bench(model_name: str, qs: list[int], steps: int, split: int) -> list[dict]:
     return rows
 
 
+class NullParty:
+    """A server party that only decodes what it receives: what remains of a step is transport."""
+
+    def phase(self, _name: str) -> nullcontext:
+        return nullcontext()
+
+    def hosl_step(self, req: HoslStepRequest) -> HoslStepReply:
+        losses = [float(h[0, 0, 0]) for h in req.perturbed]  # receive every part
+        return HoslStepReply(losses=losses, loss=float(req.clean[0, 0, 0]))
+
+    def discard_partial_step(self) -> None:
+        pass
+
+
+NULL_IDENTITY = Identity(PROTOCOL_VERSION, "null", "0", 0, "hosl", "float32", 1)
+
+
+def null_server(out: Path) -> None:
+    """Serve NullParty on a free port (written to `out`) until terminated."""
+    state = ServerState(
+        NullParty(), NULL_IDENTITY, StepLedger(), HIDDEN, logging.getLogger("null")  # type: ignore[arg-type]
+    )
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=4),
+        handlers=[SplitServicer(state).handler()],
+        options=grpc_options(server=True),
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    out.write_text(str(port))
+    server.wait_for_termination()
+
+
+def _request(q: int, step: int) -> HoslStepRequest:
+    gen = torch.Generator().manual_seed(step)
+    hidden = [torch.randn(BATCH, LENGTH, HIDDEN, generator=gen) for _ in range(2 * q + 1)]
+    batch = synthetic_batches(100, 1)[0]
+    mask = batch.attention_mask
+    cut = CutBatch(mask, mask.cumsum(-1) - 1, batch.spec)
+    return HoslStepRequest(step, 0, True, cut, hidden[1:], hidden[0])
+
+
+def transport_cost(qs: list[int], reps: int) -> list[dict]:
+    """Seconds per step spent in the transport alone (encode, send, decode, reply), against a
+    server that does nothing: in-process vs a separate process over loopback gRPC."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        port_file = Path(tmp) / "port"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--null-server", str(port_file)]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 120
+            while not port_file.is_file() or not port_file.read_text():
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the null server did not start")
+                time.sleep(0.1)
+            address = f"127.0.0.1:{port_file.read_text()}"
+            step = 0
+            for q in qs:
+                for transport in TRANSPORTS:
+                    if transport == "in-process":
+                        link = LocalTransport(NullParty())  # type: ignore[arg-type]
+                    else:
+                        wire = torch.bfloat16 if transport.endswith("bfloat16") else torch.float32
+                        link = GrpcTransport(address, NULL_IDENTITY, wire_dtype=wire)
+                        link.connect()
+                    times = []
+                    for i in range(reps + 2):  # two warm-up calls
+                        req = _request(q, step)
+                        t0 = time.perf_counter()
+                        link.hosl_step(req)
+                        if i >= 2:
+                            times.append(time.perf_counter() - t0)
+                        step += transport != "in-process"  # the server's ledger counts steps
+                    if isinstance(link, GrpcTransport):
+                        link.close()
+                    row = {"q": q, "transport": transport,
+                           "transport_seconds_per_step": statistics.median(times)}
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    return rows
+
+
 def machine() -> dict:
     cpu = platform.processor()
     cpuinfo = Path("/proc/cpuinfo")
@@ -169,16 +264,20 @@ def machine() -> dict:
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| Q | transport | s/step | vs in-process | MB/step | round trips/step | "
-        "max abs loss change vs float32 wire |",
-        "|---|---|---|---|---|---|---|",
+        "| Q | transport | s/step (whole step) | vs in-process | transport alone s/step | "
+        "network adds | MB/step | round trips/step | max abs loss change vs float32 wire |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         change = r.get("max_abs_loss_change_vs_float32_wire")
+        added = r.get("network_added_vs_in_process_step")
         lines.append(
-            f"| {r['q']} | {r['transport']} | {r['seconds_per_step']:.3f} | "
-            f"{100 * r['overhead_vs_in_process']:+.1f}% | {r['bytes_per_step'] / 1e6:.2f} | "
-            f"{r['round_trips_per_step']:.0f} | {'' if change is None else f'{change:.2e}'} |"
+            f"| {r['q']} | {r['transport']} | {r['seconds_per_step']:.2f} | "
+            f"{100 * r['overhead_vs_in_process']:+.1f}% | "
+            f"{r.get('transport_seconds_per_step', float('nan')):.4f} | "
+            f"{'' if added is None else f'{100 * added:+.2f}%'} | "
+            f"{r['bytes_per_step'] / 1e6:.2f} | {r['round_trips_per_step']:.0f} | "
+            f"{'' if change is None else f'{change:.2e}'} |"
         )
     return "\n".join(lines)
 
@@ -189,12 +288,42 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up")
     parser.add_argument("--qs", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--split-layer", type=int, default=SPLIT)
+    parser.add_argument("--reps", type=int, default=20, help="calls per transport-only timing")
     parser.add_argument("--out", default=str(ROOT / "results"))
+    parser.add_argument(
+        "--whole-steps-from",
+        metavar="JSON",
+        help="take the whole-step rows from an earlier transport.json; time the transport only",
+    )
+    parser.add_argument("--null-server", help=argparse.SUPPRESS)  # internal: the null server
     args = parser.parse_args()
-    rows = bench(args.model, args.qs, args.steps, args.split_layer)
+    if args.null_server:
+        null_server(Path(args.null_server))
+        return
+    if args.whole_steps_from:
+        earlier = json.loads(Path(args.whole_steps_from).read_text())
+        rows = [r for r in earlier["rows"] if r["q"] in args.qs]
+        args.steps = earlier["setup"]["timed_steps"]
+        whole_steps_command = earlier["command"]
+    else:
+        rows = bench(args.model, args.qs, args.steps, args.split_layer)
+        whole_steps_command = None
+    cost = {(r["q"], r["transport"]): r for r in transport_cost(args.qs, args.reps)}
+    for row in rows:
+        own = cost[(row["q"], row["transport"])]["transport_seconds_per_step"]
+        local = cost[(row["q"], "in-process")]["transport_seconds_per_step"]
+        step = next(
+            r["seconds_per_step"]
+            for r in rows
+            if r["q"] == row["q"] and r["transport"] == "in-process"
+        )
+        row["transport_seconds_per_step"] = own
+        row["network_added_seconds"] = own - local
+        row["network_added_vs_in_process_step"] = (own - local) / step
     command = "python benchmarks/transport.py " + " ".join(sys.argv[1:])
     result = {
         "command": command.strip(),
+        "whole_steps_command": whole_steps_command,
         "machine": machine(),
         "setup": {
             "model": args.model,
@@ -214,6 +343,13 @@ def main() -> None:
     md = (
         "# Transport benchmark: in-process vs loopback gRPC\n\n"
         f"Command: `{result['command']}`\n\n"
+        + (
+            f"Whole-step columns from an earlier run of `{whole_steps_command}` on the same "
+            "machine.\n\n"
+            if whole_steps_command
+            else ""
+        )
+        +
         f"Machine: {m['cpu']}, {m['cores']} cores, no GPU; torch {m['torch']} "
         f"({m['torch_threads']} threads), grpcio {m['grpcio']}, Python {m['python']}.\n\n"
         f"Model {args.model}, split at layer {args.split_layer}, mode hosl, batch {BATCH} x length "
@@ -221,6 +357,10 @@ def main() -> None:
         f"{args.steps} timed steps, the three runs stepping in turn (median reported); client "
         "and server are separate processes for gRPC. The machine was shared with other jobs, "
         "so absolute times vary; the runs are interleaved so that load falls on all alike.\n\n"
+        f"Transport alone: the same step's messages ({BATCH} x {LENGTH} x {HIDDEN} activations) "
+        "against a server party that only decodes them (in-process, or a separate process over "
+        f"loopback gRPC), median of {args.reps} calls. Network adds = (gRPC transport alone - "
+        "in-process transport alone) / in-process whole step.\n\n"
         + table(rows)
         + "\n"
     )

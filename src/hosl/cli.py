@@ -314,7 +314,7 @@ def _client_flags(parser: argparse.ArgumentParser, required: bool) -> None:
         help="seconds to wait for a server that is down or restarting",
     )
     parser.add_argument(
-        "--step-timeout", type=float, default=600.0, help="seconds one server reply may take"
+        "--step-timeout", type=float, default=3600.0, help="seconds one server reply may take"
     )
 
 

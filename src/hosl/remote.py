@@ -55,7 +55,7 @@ class RemoteOptions:
     tls: bool = False
     tls_ca: str | None = None  # PEM root certificate that signed the server's (implies TLS)
     reconnect_timeout: float = 120.0  # how long to wait for a server that is down or restarting
-    step_timeout: float = 600.0  # how long one reply may take
+    step_timeout: float = 3600.0  # how long one reply may take (a slow CPU server is not dead)
 
 
 def run_fingerprint(cfg: TrainConfig) -> dict[str, Any]:

@@ -47,7 +47,7 @@ def grpc_options(
     if server:
         return limits + [
             ("grpc.keepalive_time_ms", 60_000),
-            ("grpc.keepalive_timeout_ms", 20_000),
+            ("grpc.keepalive_timeout_ms", 60_000),  # a client starved of CPU still answers
             ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
             ("grpc.http2.max_ping_strikes", 0),  # 0: never punish pings at that rate
         ]

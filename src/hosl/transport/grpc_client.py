@@ -131,7 +131,7 @@ class GrpcTransport:
         credentials: grpc.ChannelCredentials | None = None,
         run_fingerprint: dict[str, Any] | None = None,
         reconnect_timeout: float = 120.0,
-        step_timeout: float = 600.0,
+        step_timeout: float = 3600.0,
         chunk_bytes: int = CHUNK_BYTES,
         frame_limit: int = DEFAULT_FRAME_LIMIT,
     ) -> None:
@@ -236,7 +236,7 @@ class GrpcTransport:
         is_eval = isinstance(req, EvalRequest)
         if not is_eval and req.step != self._step_id:
             self._step_id, self._step_requests = req.step, []
-        deadline = time.monotonic() + self._reconnect_timeout
+        deadline: float | None = None  # set at the first failure: a slow step costs no retry time
         resend = False
         while True:
             try:
@@ -249,6 +249,8 @@ class GrpcTransport:
                 break
             except _Broken as err:
                 log.warning("lost the server (%s); reconnecting", err)
+                if deadline is None:
+                    deadline = time.monotonic() + self._reconnect_timeout
                 resend = self._after_reconnect(req, self._reconnect(deadline), is_eval)
         reply = from_bytes(down, self.compute_dtype)
         if not isinstance(reply, reply_type):
