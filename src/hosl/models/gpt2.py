@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 from transformers import PretrainedConfig, PreTrainedModel
-from transformers.masking_utils import create_causal_mask
+
+from hosl.models.blocks import run_causal_blocks
 
 
 class GPT2Embedding(nn.Module):
@@ -36,24 +37,7 @@ class GPT2Blocks(nn.Module):
         self.h = nn.ModuleList(blocks)
 
     def forward(self, hidden: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
-        if len(self.h) == 0:
-            return hidden
-        causal_mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=hidden,
-            attention_mask=attention_mask,
-            past_key_values=None,
-            position_ids=position_ids,
-        )
-        for block in self.h:
-            hidden = block(
-                hidden,
-                past_key_values=None,
-                attention_mask=causal_mask,
-                use_cache=False,
-                position_ids=position_ids,
-            )
-        return hidden  # (S, L, H)
+        return run_causal_blocks(self.config, self.h, hidden, attention_mask, position_ids)
 
 
 class GPT2Final(nn.Module):

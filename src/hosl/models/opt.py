@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 from transformers import PretrainedConfig, PreTrainedModel
-from transformers.masking_utils import create_causal_mask
+
+from hosl.models.blocks import run_causal_blocks
 
 
 def _decoder(model: PreTrainedModel) -> nn.Module:
@@ -51,24 +52,7 @@ class OPTBlocks(nn.Module):
         self.layers = nn.ModuleList(layers)
 
     def forward(self, hidden: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
-        if len(self.layers) == 0:
-            return hidden
-        causal_mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=hidden,
-            attention_mask=attention_mask,
-            past_key_values=None,
-            position_ids=position_ids,
-        )
-        for layer in self.layers:
-            hidden = layer(
-                hidden,
-                attention_mask=causal_mask,
-                position_ids=position_ids,
-                past_key_values=None,
-                use_cache=False,
-            )
-        return hidden  # (S, L, H)
+        return run_causal_blocks(self.config, self.layers, hidden, attention_mask, position_ids)
 
 
 class OPTFinal(nn.Module):
