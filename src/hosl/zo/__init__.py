@@ -6,7 +6,7 @@ from hosl.zo.engine import (
     apply_zo_update_,
     projected_gradient,
 )
-from hosl.zo.seeds import noise_for, perturbation_seed, tensor_seed
+from hosl.zo.seeds import noise_for, perturbation_seed, row_noise, tensor_seed
 
 __all__ = [
     "PerturbedForward",
@@ -15,5 +15,6 @@ __all__ = [
     "noise_for",
     "perturbation_seed",
     "projected_gradient",
+    "row_noise",
     "tensor_seed",
 ]
