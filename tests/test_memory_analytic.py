@@ -194,7 +194,10 @@ def test_modes_give_each_party_the_right_components():
     embedding_bytes = 50272 * 768 * 4
     client = hosl.client.components
     assert client["gradients"] == client["optimizer_state"] == client["stored_activations"] == 0
-    assert client["perturbation"] == embedding_bytes  # the largest client tensor
+    # The embedding's noise is drawn per row: the 4096 looked-up rows and their (B, L, E)
+    # gather, not the (V, E) matrix; the server's head copy is drawn whole (its rows are all used).
+    tokens = 16 * 256
+    assert client["perturbation"] == tokens * 768 * 4 + tokens * 768 * 4 < embedding_bytes
     server = hosl.server.components
     assert server["gradients"] == server["parameters"]
     assert server["optimizer_state"] == 2 * server["parameters"]
@@ -205,6 +208,10 @@ def test_modes_give_each_party_the_right_components():
     # The design's targets at these shapes: HOSL client near inference, far below FO-FO's.
     assert hosl.client.total <= 1.15 * inference.client.total
     assert fo.client.total >= 2 * hosl.client.total
+    short = dict(kw, split_layer=5, length=64)  # SST-2-like, where the noise used to dominate
+    hosl_short = estimate("opt-125m", mode="hosl", **short).client.total
+    assert hosl_short <= 1.05 * estimate("opt-125m", mode="inference", **short).client.total
+    assert estimate("opt-125m", mode="fo", **short).client.total >= 4 * hosl_short
     assert set(fo.parties) == {"client", "server"}
     assert set(estimate("opt-125m", mode="fo-full").parties) == {"model"}
 

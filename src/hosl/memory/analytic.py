@@ -13,7 +13,9 @@ meter phases differently, e.g. one "forward_backward" phase covers forward and b
 - backward  — walks the blocks from the top down: at each block the activations below it, the
               gradients above it, the block's new gradients and its backward working set are live.
 - perturb   — ZO parties only: one parameter-sized noise tensor z (the largest tensor; z is drawn
-              and applied one tensor at a time, in place), also used by the ZO update.
+              and applied one tensor at a time, in place), also used by the ZO update. The token
+              embedding's z is drawn per row: a forward makes only the looked-up rows, the update
+              one chunk of rows at a time (unless a head in the same party needs all of it).
 - eval      — the HOSL server's forward-only evaluation of the 2Q perturbed losses.
 - update    — an FO optimizer step: gradients, state, and for AdamW two temporaries the size of
               the largest tensor (single-tensor AdamW as PyTorch runs it on CPU; the multi-tensor
@@ -65,6 +67,7 @@ from hosl.memory.families import (
     model_shapes,
 )
 from hosl.memory.phases import PartPlan, party_phases
+from hosl.zo.seeds import ROW_CHUNK_ELEMENTS
 
 MODES = ("hosl", "fo", "zo", "fo-full", "zo-full", "inference")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -186,6 +189,14 @@ def _plan(shapes: ModelShapes, table: ActivationTable, party: str, split_layer: 
     if has_embedding and has_head and shapes.tied:
         head_tensors = head_tensors[:-1]
     scored = batch * (positions if logits == "scored" else length) * shapes.vocab
+    # ZO noise of the token embedding, drawn per row in float32: in a forward, one row per
+    # distinct token plus its (B, L, E) gather; in the update, one chunk of rows.
+    row_wise = has_embedding and not (has_head and shapes.tied)
+    rows_per_chunk = max(1, ROW_CHUNK_ELEMENTS // shapes.embed_dim)
+    row_noise = max(
+        min(tokens, shapes.vocab) * shapes.embed_dim * 4 + tokens * shapes.embed_dim * act_bytes,
+        min(rows_per_chunk, shapes.vocab) * shapes.embed_dim * 4,
+    ) if row_wise else 0
 
     def nbytes(terms: tuple[Term, ...]) -> int:
         return _terms_bytes(terms, shapes, tokens, length, act_bytes)
@@ -215,6 +226,8 @@ def _plan(shapes: ModelShapes, table: ActivationTable, party: str, split_layer: 
         score_grads=scored * 8 if has_head else 0,
         boundary_forward=boundary[0] * hidden,
         boundary=boundary[1] * hidden,
+        row_wise_embedding=row_wise,
+        row_noise=row_noise,
     )
 
 

@@ -34,6 +34,11 @@ class PartPlan:
     score_grads: int  # their float32 gradients in backward: of the log-softmax, of the logits
     boundary_forward: int  # activations crossing the cut held while the party runs a forward
     boundary: int  # ... held during the rest of its step (backward, update, evaluation)
+    # The token embedding's ZO noise is drawn row by row (hosl.zo.engine) unless a head in the
+    # same party uses the whole matrix: then only the looked-up rows (forward) or one chunk of
+    # rows (update) exist at a time, never a (V, E) noise tensor.
+    row_wise_embedding: bool = False
+    row_noise: int = 0  # the larger of those two, in bytes
 
     @property
     def has_embedding(self) -> bool:
@@ -57,6 +62,13 @@ class PartPlan:
         if self.layers:
             tensors = tensors + self.layer_params
         return max(tensors, default=0)
+
+    @property
+    def largest_noise(self) -> int:
+        """The most ZO noise alive at once: one whole tensor's z, or the embedding's rows."""
+        whole = self.embedding_params[1:] if self.row_wise_embedding else self.embedding_params
+        whole = whole + self.head_params + (self.layer_params if self.layers else [])
+        return max([*whole, self.row_noise])
 
     @property
     def stored(self) -> int:
@@ -147,7 +159,7 @@ def party_phases(
         "optimizer_state": state_per_param * params if fo else 0,
         "stored_activations": plan.stored if fo else 0,
         "transient": _transient(plan),
-        "perturbation": plan.largest_tensor if role == "zo" else 0,
+        "perturbation": plan.largest_noise if role == "zo" else 0,
         "boundary": max(plan.boundary, plan.boundary_forward),
         "scores": plan.scores,
     }
@@ -165,6 +177,6 @@ def party_phases(
     else:
         phases["forward"] = resident + plan.boundary_forward + _forward_only_extra(plan)
         if role == "zo":
-            # One perturbed or noise tensor at a time, at most the largest parameter's size.
-            phases["perturb"] = resident + plan.boundary + plan.largest_tensor
+            # One perturbed or noise tensor at a time (the embedding's: rows of it).
+            phases["perturb"] = resident + plan.boundary + plan.largest_noise
     return components, phases
