@@ -156,6 +156,18 @@ def test_two_clients_one_after_another_equal_one_in_process_run(
     assert full["round_trips"] == 6 and full["wire_bytes"] == sum(sent) > sum(sent[:3])
     log = (srv / "server.log").read_text()
     assert log.count("connected at step") == 2
+    # The server process measured its own peak and sent it: the client's summary has it, phase
+    # by phase, close to the in-process run's server.
+    local = json.loads((ref / "summary.json").read_text())
+    for networked in (summary, full):
+        assert networked["server_peak_bytes"] > 0
+        phases, local_phases = networked["server_phase_peaks"], local["server_phase_peaks"]
+        # the server also meters the client's zero-shot evaluation, before the first step
+        assert set(phases) - {"eval"} == set(local_phases)
+        for name in set(phases) & set(local_phases):
+            # streamed activations are decoded one at a time: never more than in process
+            assert 0.5 * local_phases[name] < phases[name] <= local_phases[name], name
+    assert "server peak memory" in log
 
 
 def _raw_call(port: int, messages: list[bytes], token: str | None) -> grpc.RpcError:

@@ -153,8 +153,19 @@ def serve(
         saved["step"] = step
         log.info("checkpoint at step %d (%s)", step, reason)
 
+    # Per-party memory is measured on the first memory_steps steps this process commits (as
+    # the trainer does in process) and sent to clients with every evaluation reply.
+    if cfg.memory_steps:
+        party.start_metering("server")
+    metered = {"steps": 0}
+
     def on_commit(step: int) -> None:
         log.info("committed step %d", step)
+        metered["steps"] += 1
+        if metered["steps"] == cfg.memory_steps:
+            party.stop_metering()
+            log.info("server peak memory %.1f MiB over %d steps (live tensor bytes)",
+                     party.meter.peak_bytes / 2**20, cfg.memory_steps)
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
             checkpoint(f"every {cfg.checkpoint_every} steps")
 

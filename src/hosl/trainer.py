@@ -245,6 +245,13 @@ def _train_loop(
     log({"step": cfg.steps, "eval_accuracy": final})
 
     stats = run.transport.stats if run.transport is not None else None
+    # In process the server party is metered here; a networked server meters itself and reports
+    # with its evaluation replies (None when it is unsplit, or an older server said nothing).
+    server_memory = (
+        {"peak_bytes": meters["server"].peak_bytes, "phase_peaks": meters["server"].phase_peaks()}
+        if "server" in meters
+        else getattr(run.transport, "server_memory", None) or {}
+    )
     # Steady-state step time: the metered steps are slower (tracking costs time on every op).
     plain, metered_times = step_times[False], step_times[True]
     timed = plain or metered_times
@@ -264,9 +271,9 @@ def _train_loop(
         "eval_accuracy": final,
         "final_loss": loss,
         "client_peak_bytes": meters["client"].peak_bytes,
-        "server_peak_bytes": meters["server"].peak_bytes if "server" in meters else None,
+        "server_peak_bytes": server_memory.get("peak_bytes"),
         "client_phase_peaks": meters["client"].phase_peaks(),
-        "server_phase_peaks": meters["server"].phase_peaks() if "server" in meters else None,
+        "server_phase_peaks": server_memory.get("phase_peaks"),
         "peak_rss_bytes": peak_rss_bytes(),
         "wire_bytes": stats.train.wire_bytes if stats else 0,
         "round_trips": stats.train.round_trips if stats else 0,
@@ -295,9 +302,9 @@ def _mb(nbytes: int | None) -> str:
 
 def memory_line(summary: dict[str, Any]) -> str:
     if summary.get("server"):
-        return (f"peak memory: client {_mb(summary['client_peak_bytes'])} (live tensor bytes; "
-                f"the server's are its own process's; process RSS "
-                f"{_mb(summary['peak_rss_bytes'])})")
+        return (f"peak memory: client {_mb(summary['client_peak_bytes'])}, server "
+                f"{_mb(summary['server_peak_bytes'])} as the server measured it (live tensor "
+                f"bytes per party; this process's RSS {_mb(summary['peak_rss_bytes'])})")
     if summary["server_peak_bytes"] is None:
         return f"peak memory (one party, unsplit): {_mb(summary['client_peak_bytes'])}"
     return (f"peak memory: client {_mb(summary['client_peak_bytes'])}, "

@@ -38,6 +38,7 @@ from hosl.transport.framing import (
 from hosl.transport.grpc_server import FULL_METHOD
 from hosl.transport.handshake import Identity
 from hosl.transport.messages import (
+    SERVER_MEMORY_KEY,
     EvalReply,
     EvalRequest,
     FoStepReply,
@@ -46,7 +47,7 @@ from hosl.transport.messages import (
     HoslStepRequest,
     ZoStepReply,
     ZoStepRequest,
-    from_bytes,
+    message_from_parts,
 )
 from hosl.transport.security import call_metadata
 from hosl.transport.streaming import request_frames
@@ -152,6 +153,8 @@ class GrpcTransport:
         self._stream: _Stream | None = None
         self._step_id: int | None = None
         self._step_requests: list[Any] = []  # this step's earlier micro-batches, for a resend
+        # {"peak_bytes", "phase_peaks"} of the server process, from its latest evaluation reply
+        self.server_memory: dict[str, Any] | None = None
 
     # Session -----------------------------------------------------------------------------
 
@@ -252,7 +255,10 @@ class GrpcTransport:
                 if deadline is None:
                     deadline = time.monotonic() + self._reconnect_timeout
                 resend = self._after_reconnect(req, self._reconnect(deadline), is_eval)
-        reply = from_bytes(down, self.compute_dtype)
+        kind, scalars, tensors = decode(down)
+        reply = message_from_parts(kind, scalars, tensors, self.compute_dtype)
+        if isinstance(scalars.get(SERVER_MEMORY_KEY), dict):
+            self.server_memory = scalars[SERVER_MEMORY_KEY]
         if not isinstance(reply, reply_type):
             raise HoslError(f"expected a {reply_type.__name__}, got a {type(reply).__name__}")
         self.stats.record(is_eval, up, len(down))

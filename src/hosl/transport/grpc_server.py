@@ -33,6 +33,7 @@ from hosl.transport.framing import DEFAULT_FRAME_LIMIT, read_frames, to_messages
 from hosl.transport.handshake import Identity, mismatches
 from hosl.transport.ledger import StepLedger, StepRefused
 from hosl.transport.messages import (
+    SERVER_MEMORY_KEY,
     EvalRequest,
     FoStepRequest,
     HoslStepRequest,
@@ -76,6 +77,15 @@ class ServerState:
     @property
     def compute_dtype(self) -> torch.dtype:
         return DTYPES[self.identity.dtype]
+
+
+def server_memory_extra(party: Any) -> dict[str, Any]:
+    """`@server_memory` for a reply: the party's measured peak and phase peaks, if it meters."""
+    meter = getattr(party, "meter", None)
+    if meter is None:
+        return {}
+    return {SERVER_MEMORY_KEY: {"peak_bytes": meter.peak_bytes,
+                                "phase_peaks": meter.phase_peaks()}}
 
 
 class SplitServicer:
@@ -232,15 +242,19 @@ class SplitServicer:
             return frame
 
         try:
-            req, lazy = open_request(
-                head,
-                next_part,
-                state.compute_dtype,
-                state.hidden_size,
-                Limits(max_message_bytes=state.frame_limit),
-            )
+            # Received tensors are the server's bytes, metered as the in-process transport does.
+            with party.phase("receive"):
+                req, lazy = open_request(
+                    head,
+                    next_part,
+                    state.compute_dtype,
+                    state.hidden_size,
+                    Limits(max_message_bytes=state.frame_limit),
+                )
             if isinstance(req, EvalRequest):
-                return to_bytes(party.evaluate(req), wire)
+                # The server's own memory rides along: a networked client's summary has no other
+                # way to learn it (the server process meters its first steps; see serve.py).
+                return to_bytes(party.evaluate(req), wire, extra=server_memory_extra(party))
             if ledger.is_retry(req.step, req.micro):
                 if lazy is not None:
                     lazy.drain()  # the parts were sent pipelined; read them off the stream

@@ -106,6 +106,8 @@ MESSAGES: dict[str, type] = {
         EvalReply,
     )
 }
+# Transport extras (see to_bytes): the server's measured memory, sent with evaluation replies.
+SERVER_MEMORY_KEY = "@server_memory"
 _NESTED = (CutBatch, ScoreSpec)
 _HIDDEN_FIELDS = {"perturbed", "clean", "hidden", "grad"}
 
