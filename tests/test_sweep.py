@@ -271,3 +271,30 @@ def test_report_of_a_real_sweep(grid_sweep, tmp_path) -> None:
         "loss_vs_step.png", "accuracy_vs_step.png", "accuracy_vs_split_layer.png",
         "client_memory_vs_split_layer.png", "accuracy_vs_client_params.png",
     }
+
+
+def test_shards_split_the_runs_between_processes(tiny_model_dir, sentiment_files, tmp_path,
+                                                 monkeypatch) -> None:
+    trained: list[str] = []
+    monkeypatch.setattr(hosl.trainer, "train",
+                        lambda cfg, **_: trained.append(Path(cfg.output).name))
+    spec = {"base": _base(tiny_model_dir, sentiment_files),
+            "grid": {"mode": ["hosl", "fo", "zo"], "seed": [0, 1]}}
+    sweep = _write(tmp_path / "s.yaml", spec)
+    names = [r.name for r in plan_sweep(sweep, output_root=tmp_path / "out").runs]
+    by_shard = []
+    for index in (1, 2):
+        trained.clear()
+        run_sweep(sweep, dry_run=False, output_root=tmp_path / "out", echo=lambda _: None,
+                  progress=False, shard=(index, 2))
+        by_shard.append(list(trained))
+    assert by_shard == [names[0::2], names[1::2]]
+
+
+@pytest.mark.parametrize("text", ["0/2", "3/2", "1", "a/b", "1/0"])
+def test_bad_shard_is_a_config_error(text) -> None:
+    from hosl.sweep import parse_shard
+
+    with pytest.raises(ConfigError, match="--shard"):
+        parse_shard(text)
+    assert parse_shard(" 2/3 ") == (2, 3)

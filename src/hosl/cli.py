@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -184,12 +185,13 @@ def cmd_memory(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from hosl.sweep import run_sweep
+    from hosl.sweep import parse_shard, run_sweep
 
     results = run_sweep(
         Path(args.sweep_file), dry_run=args.dry_run,
         output_root=Path(args.output_root) if args.output_root else None,
         overrides=_parse_set(args.set or []), progress=not args.no_progress,
+        shard=parse_shard(args.shard),
     )
     print(f"results: {results}")
     return 0
@@ -273,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--output-root", help="where run directories go (default: the file's)")
     sweep.add_argument("--set", action="append", metavar="KEY=VALUE",
                        help="dotted override for every run (not part of run names)")
+    sweep.add_argument("--shard", default="1/1", metavar="I/N",
+                       help="train only runs I, I+N, ... (run N of these side by side)")
     sweep.add_argument("--no-progress", action="store_true")
     sweep.set_defaults(func=cmd_sweep)
 
@@ -328,6 +332,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("hosl: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # `hosl memory --json | head`: the reader left; say nothing more, as cat and ls do.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

@@ -273,8 +273,13 @@ def run_sweep(
     echo: Callable[[str], None] = print,
     overrides: dict[str, Any] | None = None,
     progress: bool = True,
+    shard: tuple[int, int] = (1, 1),
 ) -> Path:
     """Plan, run what is not finished, and write results.csv / results.md; returns results.md.
+
+    `shard=(i, n)` trains only runs i, i+n, i+2n, ... (1-based, in file order), so n processes
+    can share one sweep without touching each other's runs; each writes the table of every run
+    finished so far, and the last one to end writes the complete table.
 
     A run that fails is reported and the sweep goes on with the next one; the sweep then ends
     with a HoslError naming the failed runs (their tracebacks are in their error.log).
@@ -285,8 +290,12 @@ def run_sweep(
     todo = sum(r.action != "skip" for r in plan.runs)
     echo(f"sweep {plan.name}: {total} runs, {todo} to train, output in {plan.output_root}")
     failed: list[str] = []
+    index, shards = shard
     for i, run in enumerate(plan.runs, start=1):
         head = f"[{i}/{total}] {run.name}"
+        if (i - 1) % shards != index - 1:
+            echo(f"{head}: left to shard {(i - 1) % shards + 1}/{shards}")
+            continue
         if run.action == "skip":
             echo(f"{head}: skipped, already finished (summary.json exists)")
             continue
@@ -318,6 +327,14 @@ def run_sweep(
             f"fix the cause and rerun `hosl sweep {plan.path}` to resume them"
         )
     return results_md
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """`I/N` (1 <= I <= N) -> (I, N)."""
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not match or not 1 <= int(match[1]) <= int(match[2]):
+        raise ConfigError(f"--shard must look like I/N with 1 <= I <= N (e.g. 1/2), got {text!r}")
+    return int(match[1]), int(match[2])
 
 
 def _write_tables(plan: SweepPlan) -> None:
