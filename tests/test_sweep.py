@@ -298,3 +298,16 @@ def test_bad_shard_is_a_config_error(text) -> None:
     with pytest.raises(ConfigError, match="--shard"):
         parse_shard(text)
     assert parse_shard(" 2/3 ") == (2, 3)
+
+
+def test_tables_blank_the_settings_a_mode_never_reads(tmp_path) -> None:
+    from hosl.results import write_results
+
+    rows = [{"run": f"{mode}-{seed}", "mode": mode, "seed": seed, "zo.lr": 1e-6, "optim.lr": 3e-5,
+             "eval_accuracy": 0.5 + seed / 10} for mode in ("fo", "zo") for seed in (0, 1)]
+    csv_path, md_path = write_results(rows, tmp_path, ["mode", "zo.lr", "optim.lr", "seed"], "t")
+    table = {r["run"]: r for r in csv.DictReader(csv_path.read_text().splitlines())}
+    assert table["fo-0"]["zo.lr"] == "" and table["fo-0"]["optim.lr"] == "3e-05"
+    assert table["zo-1"]["optim.lr"] == "" and table["zo-1"]["zo.lr"] == "1e-06"
+    mean_rows = md_path.read_text().split("## Mean over seeds")[1]
+    assert "| fo | - | 3e-05 | 2 |" in mean_rows and "| zo | 1e-06 | - | 2 |" in mean_rows

@@ -244,6 +244,8 @@ def write_results(
     """results.csv (raw numbers) and results.md (readable; mean over seeds when seeds vary)."""
     columns = table_columns(swept_keys)
     csv_path, md_path = root / "results.csv", root / "results.md"
+    # An fo run's zo.lr is the base's unused default: blank it rather than tabulate it as a setting.
+    rows = [effective(row) for row in rows]
     with open(csv_path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(columns)
