@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every study of this folder, in order, two runs side by side (one thread each; on a 2-core CPU
 # that trains 1.3x faster than one run on both cores), then the tables and plots that
-# experiments/README.md quotes. About 2.5 h on an idle 2-core CPU. Rerunning skips finished runs.
+# experiments/README.md quotes. About 2 h on a 2-core CPU. Rerunning skips finished runs.
 #
 #   bash experiments/run_all.sh                 # all studies
 #   bash experiments/run_all.sh main q          # some of them (names of the .yaml files)
