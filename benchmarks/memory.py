@@ -40,7 +40,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
-from hosl.batching import Batch, ScoreSpec
+from hosl.batching import Batch, random_batch
 from hosl.build import build_run
 from hosl.config import DataConfig, ModelConfig, OptimConfig, TrainConfig, ZoConfig
 from hosl.memory.analytic import estimate
@@ -67,17 +67,7 @@ MIB = 2**20
 
 def synthetic_batch(vocab: int, length: int, seed: int = 0) -> Batch:
     """Full-length sequences; each scores two single-token candidates at its last token."""
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(4, vocab, (BATCH, length), generator=gen)
-    spec = ScoreSpec(
-        positions=torch.arange(BATCH) * length + length - 1,
-        position_index=torch.arange(BATCH).repeat_interleave(2),
-        tokens=torch.randint(4, vocab, (2 * BATCH,), generator=gen),
-        candidate_index=torch.arange(2 * BATCH),
-        labels=torch.randint(0, 2, (BATCH,), generator=gen),
-        num_candidates=2,
-    )
-    return Batch(ids, torch.ones_like(ids), spec)
+    return random_batch(BATCH, length, vocab, torch.Generator().manual_seed(seed), low=4)
 
 
 def materialise_state(optimizer: torch.optim.Optimizer | None) -> None:

@@ -31,7 +31,7 @@ from pathlib import Path
 import grpc
 import torch
 
-from hosl.batching import Batch, ScoreSpec
+from hosl.batching import Batch, random_batch
 from hosl.build import build_run
 from hosl.config import DataConfig, ModelConfig, OptimConfig, TrainConfig, ZoConfig
 from hosl.models.loading import load_pretrained
@@ -52,19 +52,7 @@ SPLIT = 4  # --split-layer; the default of hosl's config
 def synthetic_batches(vocab: int, count: int, seed: int = 0) -> list[Batch]:
     """Full-length sequences; each example scores two single-token candidates at its last token."""
     gen = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(count):
-        ids = torch.randint(0, vocab, (BATCH, LENGTH), generator=gen)
-        spec = ScoreSpec(
-            positions=torch.arange(BATCH) * LENGTH + LENGTH - 1,
-            position_index=torch.arange(BATCH).repeat_interleave(2),
-            tokens=torch.randint(0, vocab, (2 * BATCH,), generator=gen),
-            candidate_index=torch.arange(2 * BATCH),
-            labels=torch.randint(0, 2, (BATCH,), generator=gen),
-            num_candidates=2,
-        )
-        out.append(Batch(ids, torch.ones_like(ids), spec))
-    return out
+    return [random_batch(BATCH, LENGTH, vocab, gen) for _ in range(count)]
 
 
 def config(model: str, q: int, wire: str, steps: int, split: int) -> TrainConfig:

@@ -23,7 +23,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, OPTConfig, PretrainedConfig
 
-from hosl.batching import Batch, ScoreSpec
+from hosl.batching import Batch, random_batch
 from hosl.build import build_run
 from hosl.config import DataConfig, ModelConfig, OptimConfig, TrainConfig, ZoConfig
 from hosl.memory.analytic import estimate
@@ -84,16 +84,7 @@ def _config(family: str) -> PretrainedConfig:
 
 def _batch(length: int, generator: torch.Generator) -> Batch:
     """A full (B, L) batch with two single-token candidates read at each sequence's end."""
-    ids = torch.randint(3, VOCAB, (BATCH, length), generator=generator)
-    spec = ScoreSpec(
-        positions=torch.arange(BATCH) * length + length - 1,
-        position_index=torch.arange(BATCH).repeat_interleave(2),
-        tokens=torch.randint(3, VOCAB, (2 * BATCH,), generator=generator),
-        candidate_index=torch.arange(2 * BATCH),
-        labels=torch.randint(0, 2, (BATCH,), generator=generator),
-        num_candidates=2,
-    )
-    return Batch(ids, torch.ones(BATCH, length, dtype=torch.long), spec)
+    return random_batch(BATCH, length, VOCAB, generator, low=3)
 
 
 def _measured_peaks(case: Case, mode: str) -> dict[str, int]:

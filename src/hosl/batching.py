@@ -155,3 +155,21 @@ def collate(
         num_candidates=num_candidates,
     )
     return Batch(input_ids=input_ids, attention_mask=attention_mask, spec=spec)
+
+
+def random_batch(
+    batch: int, length: int, vocab: int, generator: torch.Generator, low: int = 0
+) -> Batch:
+    """A full (batch, length) batch of random token ids in [low, vocab), each sequence scoring
+    two random single-token candidates at its last position: the shape benchmarks and memory
+    tests need without a tokenizer or data."""
+    ids = torch.randint(low, vocab, (batch, length), generator=generator)
+    spec = ScoreSpec(
+        positions=torch.arange(batch) * length + length - 1,
+        position_index=torch.arange(batch).repeat_interleave(2),
+        tokens=torch.randint(low, vocab, (2 * batch,), generator=generator),
+        candidate_index=torch.arange(2 * batch),
+        labels=torch.randint(0, 2, (batch,), generator=generator),
+        num_candidates=2,
+    )
+    return Batch(ids, torch.ones_like(ids), spec)
