@@ -184,7 +184,7 @@ def test_loading_restores_the_callers_transformers_logging(tmp_path: Path) -> No
 
 def test_bad_dtype_is_a_config_error(tmp_path: Path) -> None:
     save_tiny(tmp_path / "model", tiny_llama)
-    with pytest.raises(ConfigError, match="float32, bfloat16 or float16"):
+    with pytest.raises(ConfigError, match="float32, bfloat16, float16"):
         load_pretrained(str(tmp_path / "model"), dtype=torch.int8)
 
 

@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, OPTConfig, Pretraine
 from hosl.batching import Batch, random_batch
 from hosl.build import build_run
 from hosl.config import DataConfig, ModelConfig, OptimConfig, TrainConfig, ZoConfig
+from hosl.dtypes import DTYPES
 from hosl.memory.analytic import estimate
 from hosl.memory.measure import PartyMeter
 from hosl.models.split import Activations, split_model
@@ -35,7 +36,6 @@ from hosl.scoring import classification_loss
 TOLERANCE = 0.15
 VOCAB, HIDDEN, MLP, LAYERS, BATCH = 512, 64, 256, 4, 8
 MODES = ("hosl", "fo", "zo", "fo-full", "zo-full")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)

@@ -13,14 +13,13 @@ from hosl.algos.full_modes import FULL_STEPS, FullRunner
 from hosl.algos.split_modes import SPLIT_STEPS, SplitRunner
 from hosl.batching import Batch
 from hosl.config import TrainConfig
+from hosl.dtypes import DTYPES
 from hosl.models.split import split_model, unsplit_model
 from hosl.optim import build_optimizer, build_scheduler, lr_factor
 from hosl.parties.client import ClientParty
 from hosl.parties.server import ServerParty
 from hosl.transport.base import Transport
 from hosl.transport.local import LocalTransport
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from hosl.dtypes import canonical_name
 from hosl.errors import HoslError
 
 # flag -> dotted config key; the flag's value overrides the YAML file and --set.
@@ -50,7 +51,6 @@ SERVE_FLAGS = (
     "--mode", "--model", "--split-layer", "--dtype", "--server-lr", "--optimizer", "--schedule",
     "--steps", "--grad-accum", "--checkpoint-every", "--seed", "--output",
 )
-_DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -79,7 +79,7 @@ def _train_overrides(
             overrides[key] = value
     for key in ("wire_dtype", "model.dtype"):
         if isinstance(overrides.get(key), str):
-            overrides[key] = _DTYPE_ALIASES.get(overrides[key], overrides[key])
+            overrides[key] = canonical_name(overrides[key]) or overrides[key]
     return overrides
 
 

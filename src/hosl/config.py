@@ -16,10 +16,10 @@ from typing import Any
 
 import yaml
 
+from hosl.dtypes import DTYPES
 from hosl.errors import ConfigError
 
 MODES = ("hosl", "fo", "zo", "fo-full", "zo-full")
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from hosl.build import DTYPES, build_run
+from hosl.build import build_run
 from hosl.checkpoint import load_latest
 from hosl.config import DataConfig, ModelConfig, TrainConfig, load_config, validate
+from hosl.dtypes import DTYPES
 from hosl.errors import HoslError
 from hosl.evaluation import evaluate
 from hosl.models.loading import load_pretrained

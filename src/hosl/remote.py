@@ -26,8 +26,9 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from hosl.build import DTYPES, Run
+from hosl.build import Run
 from hosl.config import TrainConfig
+from hosl.dtypes import DTYPES
 from hosl.errors import ConfigError, HoslError
 from hosl.models.loading import load_pretrained
 from hosl.models.split import split_model

@@ -28,9 +28,9 @@ from types import FrameType
 import grpc
 import torch
 
-from hosl.build import DTYPES
 from hosl.checkpoint import load_latest, save_checkpoint
 from hosl.config import TrainConfig, dump_config
+from hosl.dtypes import DTYPES
 from hosl.errors import ConfigError
 from hosl.models.loading import load_pretrained
 from hosl.models.split import num_layers, split_model

@@ -20,9 +20,10 @@ import torch
 from tqdm import tqdm
 
 from hosl.batching import collate
-from hosl.build import DTYPES, Run, build_run
+from hosl.build import Run, build_run
 from hosl.checkpoint import load_latest, save_checkpoint
 from hosl.config import TrainConfig, dump_config, load_config
+from hosl.dtypes import DTYPES
 from hosl.errors import ConfigError
 from hosl.evaluation import evaluate
 from hosl.memory.measure import peak_rss_bytes

@@ -57,6 +57,7 @@ from dataclasses import dataclass, field
 
 from transformers import PretrainedConfig
 
+from hosl.dtypes import BYTES as DTYPE_BYTES
 from hosl.errors import ConfigError
 from hosl.memory.families import (
     ATTENTION_KERNELS,
@@ -70,7 +71,6 @@ from hosl.memory.phases import PartPlan, party_phases
 from hosl.zo.seeds import ROW_CHUNK_ELEMENTS
 
 MODES = ("hosl", "fo", "zo", "fo-full", "zo-full", "inference")
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 OPTIMIZER_STATES = {"sgd": 0, "momentum": 1, "adamw": 2}  # state tensors per parameter
 LOGITS = ("scored", "full")
 COMPONENTS = (

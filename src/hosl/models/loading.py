@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from hosl import offline
+from hosl.dtypes import DTYPES, canonical_name
 from hosl.errors import ConfigError, ModelLoadError
 from hosl.models.catalog import (
     CATALOG,
@@ -53,11 +54,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32, "fp32": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16,
-}
 # A reachable hub answers in well under a second; an unreachable one should not cost the user
 # transformers' default of five retries with back-off (about 25 s).
 HUB_PROBE_TIMEOUT_S = 3.0
@@ -82,11 +78,12 @@ def load_pretrained(
 def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
     """`torch.float32`/`"bf16"`/... -> a supported floating dtype, or ConfigError."""
     if isinstance(dtype, str):
-        if dtype.removeprefix("torch.") in DTYPES:
-            return DTYPES[dtype.removeprefix("torch.")]
+        name = canonical_name(dtype)
+        if name is not None:
+            return DTYPES[name]
     elif dtype in DTYPES.values():
         return dtype
-    raise ConfigError(f"unsupported dtype {dtype!r}; use float32, bfloat16 or float16")
+    raise ConfigError(f"unsupported dtype {dtype!r}; use {', '.join(DTYPES)}")
 
 
 def _load_any(name: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

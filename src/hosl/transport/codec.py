@@ -18,13 +18,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from hosl.dtypes import DTYPES as FLOAT_DTYPES
+
 MAGIC = b"HOSL"
 _PREFIX = struct.Struct("<4sI")
 
+# The floating dtypes of models and the wire, plus the integer and bool dtypes of masks and ids.
 DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
+    **FLOAT_DTYPES,
     "int64": torch.int64,
     "int32": torch.int32,
     "uint8": torch.uint8,

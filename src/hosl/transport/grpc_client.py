@@ -25,6 +25,7 @@ from typing import Any
 import grpc
 import torch
 
+from hosl.dtypes import NAMES as DTYPE_NAMES
 from hosl.errors import HoslError
 from hosl.transport.base import ResyncNeeded, WireStats
 from hosl.transport.codec import CodecError, decode, encode
@@ -58,7 +59,6 @@ _RETRYABLE = {
     grpc.StatusCode.ABORTED,  # another client's session has not ended yet
     grpc.StatusCode.DEADLINE_EXCEEDED,
 }
-_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 log = logging.getLogger(__name__)
 
 
@@ -183,7 +183,7 @@ class GrpcTransport:
         stream = _Stream(self._channel, self._metadata, self._chunk, self._limit)
         hello = {
             "identity": self.identity.to_json(),
-            "wire_dtype": _DTYPE_NAMES[self.wire_dtype],
+            "wire_dtype": DTYPE_NAMES[self.wire_dtype],
             "run": self._run,
         }
         stream.send(encode("hello", hello, {}))

@@ -26,7 +26,7 @@ from typing import Any
 import grpc
 import torch
 
-from hosl.build import DTYPES
+from hosl.dtypes import DTYPES
 from hosl.parties.server import ServerParty
 from hosl.transport.codec import CodecError, Limits, decode, encode
 from hosl.transport.framing import DEFAULT_FRAME_LIMIT, read_frames, to_messages
