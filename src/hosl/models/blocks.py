@@ -23,19 +23,17 @@ def run_causal_blocks(
     blocks = list(blocks)
     if not blocks:
         return hidden
+    # The (absent) cache goes in by position: transformers renamed that argument from
+    # `past_key_values` to `cache` within the supported range, and both keep it fourth. The blocks
+    # themselves default to no cache, so they are not given one.
     causal_mask = create_causal_mask(
-        config=config,
-        inputs_embeds=hidden,
-        attention_mask=attention_mask,
-        past_key_values=None,
-        position_ids=position_ids,
+        config, hidden, attention_mask, None, position_ids=position_ids
     )
     for block in blocks:
         hidden = block(
             hidden,
             attention_mask=causal_mask,
             position_ids=position_ids,
-            past_key_values=None,
             use_cache=False,
         )
     return hidden  # (S, L, H)

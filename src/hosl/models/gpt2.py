@@ -2,8 +2,8 @@
 
 GPT-2 adds a learned position table (`wpe`) to the token embeddings (`wte`) and applies embedding
 dropout before the first block; the client owns all three, so positions are added exactly once.
-The blocks take the past-key-values cache as their second positional argument, so they are called
-with keywords only.
+The blocks take the cache as their second positional argument, so they are called with keywords
+only (and no cache).
 """
 
 from __future__ import annotations

@@ -75,14 +75,12 @@ class LlamaBlocks(nn.Module):
         if len(self.layers) == 0:
             return hidden
         # Each kind of mask is built once from the 2-D padding mask, like the HF model does; the
-        # config's attention implementation (eager, sdpa, ...) decides the mask's form.
+        # config's attention implementation (eager, sdpa, ...) decides the mask's form. The
+        # (absent) cache goes in by position: transformers renamed that argument from
+        # `past_key_values` to `cache` within the supported range, and both keep it fourth.
         masks = {
             kind: _MASK_BUILDERS[kind](
-                config=self.config,
-                inputs_embeds=hidden,
-                attention_mask=attention_mask,
-                past_key_values=None,
-                position_ids=position_ids,
+                self.config, hidden, attention_mask, None, position_ids=position_ids
             )
             for kind in set(self.kinds)
         }
@@ -93,7 +91,6 @@ class LlamaBlocks(nn.Module):
                 attention_mask=masks[kind],
                 position_embeddings=position_embeddings,
                 position_ids=position_ids,
-                past_key_values=None,
                 use_cache=False,
             )
         return hidden  # (S, L, H)
