@@ -14,25 +14,47 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from hosl.dtypes import canonical_name
+from hosl.dtypes import ALIASES, DTYPES, canonical_name
 from hosl.errors import HoslError
+from hosl.optim import OPTIMIZERS, SCHEDULES
 
-# flag -> dotted config key; the flag's value overrides the YAML file and --set.
+DTYPE_HELP = " | ".join(DTYPES) + " (or " + ", ".join(ALIASES) + ")"
+
+# flag -> dotted config key; the flag's value overrides the YAML file and --set. Each help text
+# ends with the config default (`_config_default`) unless DEFAULT_TEXT says it another way.
 TRAIN_FLAGS: dict[str, tuple[str, type, str]] = {
     "--mode": ("mode", str, "hosl | fo | zo | fo-full | zo-full"),
     "--model": ("model.name", str, "alias (smollm2-135m), local directory, .gguf file or hub name"),
     "--task": ("data.task", str, "rt, sst2, cb, boolq, rte, wic, wsc, multirc, copa"),
     "--train-file": ("data.train_file", str, "JSONL/CSV training data with the task's fields"),
     "--eval-file": ("data.eval_file", str, "JSONL/CSV evaluation data with the task's fields"),
-    "--train-examples": ("data.train_examples", int, "training examples sampled (-1: all)"),
-    "--eval-examples": ("data.eval_examples", int, "evaluation examples sampled (-1: all)"),
+    "--train-examples": (
+        "data.train_examples", int, "training examples to sample (-1: all)"
+    ),
+    "--eval-examples": (
+        "data.eval_examples", int, "evaluation examples to sample (-1: all)"
+    ),
     "--split-layer": ("model.split_layer", int, "k: the client holds blocks 0..k-1"),
     "--q": ("zo.q", int, "ZO perturbation pairs per step"),
     "--eps": ("zo.eps", float, "ZO perturbation scale"),
-    "--client-lr": ("zo.lr", float, "ZO learning rate (client in hosl/zo, whole model in zo-full)"),
-    "--server-lr": ("optim.lr", float, "FO learning rate (server; client too in fo, fo-full)"),
-    "--optimizer": ("optim.optimizer", str, "FO optimizer: sgd | momentum | adamw"),
-    "--schedule": ("optim.schedule", str, "learning-rate schedule: constant | linear"),
+    "--zo-lr": (
+        "zo.lr",
+        float,
+        "zeroth-order learning rate: the client's in hosl and zo, the server's too in zo, the "
+        "whole model's in zo-full; unused by fo and fo-full",
+    ),
+    "--fo-lr": (
+        "optim.lr",
+        float,
+        "first-order learning rate (of --optimizer): the server's in hosl and fo, the client's "
+        "too in fo, the whole model's in fo-full; unused by zo and zo-full",
+    ),
+    "--optimizer": ("optim.optimizer", str, "FO optimizer: " + " | ".join(OPTIMIZERS)),
+    "--schedule": (
+        "optim.schedule",
+        str,
+        "learning-rate schedule of both rates, over the run's --steps: " + " | ".join(SCHEDULES),
+    ),
     "--steps": ("steps", int, "optimizer steps"),
     "--batch-size": ("batch_size", int, "examples per micro-batch"),
     "--grad-accum": ("grad_accum", int, "micro-batches per optimizer step"),
@@ -40,20 +62,54 @@ TRAIN_FLAGS: dict[str, tuple[str, type, str]] = {
     "--eval-every": ("eval_every", int, "evaluate every N steps (0: start and end only)"),
     "--checkpoint-every": ("checkpoint_every", int, "checkpoint every N steps (0: end only)"),
     "--seed": ("seed", int, "seed for data order, sampling and perturbations"),
-    "--dtype": ("model.dtype", str, "float32 | bfloat16 | float16"),
-    "--wire-dtype": ("wire_dtype", str, "dtype of activations on the wire (float32, bf16, fp16)"),
+    "--dtype": ("model.dtype", str, DTYPE_HELP),
+    "--wire-dtype": ("wire_dtype", str, "dtype of activations on the wire: " + DTYPE_HELP),
     "--output": ("output", str, "run directory"),
+}
+# Old spellings still accepted.
+FLAG_ALIASES = {"--zo-lr": ("--client-lr",), "--fo-lr": ("--server-lr",)}
+# Defaults that depend on other values, in words.
+DEFAULT_TEXT = {
+    "--train-examples": "1000 of a built-in split; every row of --train-file",
+    "--eval-examples": "500 of a built-in split; every row of --eval-file, in order",
+    "--output": "runs/<mode>-<task>-<date>-<time>[-N]",
 }
 
 
 # The flags `hosl serve` takes from TRAIN_FLAGS: what shapes the server's part and optimizer.
 SERVE_FLAGS = (
-    "--mode", "--model", "--split-layer", "--dtype", "--server-lr", "--optimizer", "--schedule",
+    "--mode", "--model", "--split-layer", "--dtype", "--fo-lr", "--optimizer", "--schedule",
     "--steps", "--grad-accum", "--checkpoint-every", "--seed", "--output",
 )
 
 
+def _config_default(key: str) -> Any:
+    """The TrainConfig default of a dotted key (what a flag left out means)."""
+    from hosl.config import TrainConfig
+
+    node: Any = TrainConfig()
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show every option's default, except where there is none to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "(default" in text or any(
+            action.default is nothing for nothing in (None, False, argparse.SUPPRESS)
+        ):
+            return text
+        return super()._get_help_string(action) or text
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"hosl: error: {message} (see `{self.prog} --help`)\n")
 
@@ -77,10 +133,15 @@ def _train_overrides(
         value = getattr(args, flag[2:].replace("-", "_"))
         if value is not None:
             overrides[key] = value
-    for key in ("wire_dtype", "model.dtype"):
-        if isinstance(overrides.get(key), str):
-            overrides[key] = canonical_name(overrides[key]) or overrides[key]
-    return overrides
+    return overrides  # dtype spellings are made canonical by load_config
+
+
+def _dtype(name: str) -> str:
+    """The canonical name of a dtype flag (bf16 -> bfloat16), or a one-line error."""
+    canonical = canonical_name(name)
+    if canonical is None:
+        raise HoslError(f"--dtype {name}: unknown dtype; use {DTYPE_HELP}")
+    return canonical
 
 
 def _remote(args: argparse.Namespace) -> Any:
@@ -160,7 +221,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         max_length=args.max_length,
         seed=args.seed,
         output=Path(args.output) if args.output else None,
-        dtype=args.dtype,
+        dtype=_dtype(args.dtype),
+        server_run=Path(args.server_run) if args.server_run else None,
     )
     print(json.dumps(result, indent=2))
     return 0
@@ -178,7 +240,8 @@ def cmd_memory(args: argparse.Namespace) -> int:
 
     print(run_memory_command(
         model=args.model, split_layer=args.split_layer, batch_size=args.batch_size,
-        max_length=args.max_length, mode=args.mode, dtype=args.dtype, optimizer=args.optimizer,
+        max_length=args.max_length, mode=args.mode, dtype=_dtype(args.dtype),
+        optimizer=args.optimizer,
         logits=args.logits, q=args.q, as_json=args.json,
     ))
     return 0
@@ -239,15 +302,29 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="accuracy and predictions.jsonl for a model or a run")
     ev.add_argument("--model", help="model to evaluate (default: the run's, else smollm2-135m)")
     ev.add_argument("--run", metavar="RUN_DIR", help="evaluate a trained run's latest checkpoint")
-    ev.add_argument("--task", default=None)
-    ev.add_argument("--eval-file")
+    ev.add_argument(
+        "--server-run",
+        metavar="SERVER_DIR",
+        help="with --run of a `hosl client` run: the `hosl serve` directory holding its server "
+        "part (the checkpoint of the same step is used)",
+    )
+    ev.add_argument("--task", help="task (default: the run's, else rt)")
+    ev.add_argument("--eval-file", help="JSONL/CSV evaluation data (default: the run's, else "
+                    "the task's built-in test split)")
     ev.add_argument("--split-layer", type=int, help="split at k (default: unsplit, or the run's)")
-    ev.add_argument("--eval-examples", type=int, default=None)
-    ev.add_argument("--batch-size", type=int, default=16)
-    ev.add_argument("--max-length", type=int, default=None)
-    ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--dtype", default="float32")
-    ev.add_argument("--output", help="directory for predictions.jsonl and eval.json")
+    ev.add_argument(
+        "--eval-examples",
+        type=int,
+        help="examples to sample, -1: all (default: the run's; else 500 of a built-in split, "
+        "every row of --eval-file in order)",
+    )
+    ev.add_argument("--batch-size", type=int, default=16, help="examples per forward pass")
+    ev.add_argument("--max-length", type=int, help="tokens per sequence (default: the run's, "
+                    "else 64)")
+    ev.add_argument("--seed", type=int, default=0, help="seed of the sampled examples")
+    ev.add_argument("--dtype", default="float32", help="model dtype without --run: " + DTYPE_HELP)
+    ev.add_argument("--output", help="directory for predictions.jsonl and eval.json (default: "
+                    "RUN_DIR/eval-<task>, else runs/eval-<task>-<date>-<time>[-N])")
     ev.set_defaults(func=cmd_eval)
 
     models = sub.add_parser("models", help="list model aliases and what is cached")
@@ -258,14 +335,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="built-in config (opt-125m, opt-1.3b, smollm2-135m), model directory "
                      "or config.json")
     mem.add_argument("--split-layer", type=int, default=None, help="k (required for split modes)")
-    mem.add_argument("--batch-size", type=int, default=16)
-    mem.add_argument("--max-length", type=int, default=64)
+    mem.add_argument("--batch-size", type=int, default=16, help="examples per micro-batch")
+    mem.add_argument("--max-length", type=int, default=64, help="tokens per sequence")
     mem.add_argument("--mode", default="hosl", help="hosl, fo, zo, fo-full, zo-full, inference")
-    mem.add_argument("--dtype", default="float32")
-    mem.add_argument("--optimizer", default="adamw", help="sgd | momentum | adamw")
+    mem.add_argument("--dtype", default="float32", help=DTYPE_HELP)
+    mem.add_argument("--optimizer", default="adamw", help=" | ".join(OPTIMIZERS))
     mem.add_argument("--logits", default="scored", choices=["scored", "full"],
                      help="full: what a server that materialises (B x L x V) logits needs")
-    mem.add_argument("--q", type=int, default=1)
+    mem.add_argument("--q", type=int, default=1, help="ZO perturbation pairs per step")
     mem.add_argument("--json", action="store_true", help="print JSON instead of a table")
     mem.set_defaults(func=cmd_memory)
 
@@ -277,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="dotted override for every run (not part of run names)")
     sweep.add_argument("--shard", default="1/1", metavar="I/N",
                        help="train only runs I, I+N, ... (run N of these side by side)")
-    sweep.add_argument("--no-progress", action="store_true")
+    sweep.add_argument("--no-progress", action="store_true", help="no progress bars")
     sweep.set_defaults(func=cmd_sweep)
 
     report = sub.add_parser("report", help="PNG plots of runs: loss, accuracy vs step, k, Q")
@@ -289,7 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config_flags(parser: argparse.ArgumentParser, flags: Sequence[str]) -> None:
-    parser.add_argument("--config", help="YAML config file")
+    parser.add_argument(
+        "--config", help="YAML config file; its values replace the defaults shown below"
+    )
     parser.add_argument(
         "--set",
         action="append",
@@ -297,8 +376,15 @@ def _config_flags(parser: argparse.ArgumentParser, flags: Sequence[str]) -> None
         help="dotted config override, e.g. --set zo.q=4 (repeatable)",
     )
     for flag in flags:
-        _, kind, help_text = TRAIN_FLAGS[flag]
-        parser.add_argument(flag, type=kind, help=help_text)
+        key, kind, help_text = TRAIN_FLAGS[flag]
+        default = DEFAULT_TEXT.get(flag, _config_default(key))
+        parser.add_argument(
+            flag,
+            *FLAG_ALIASES.get(flag, ()),
+            dest=flag[2:].replace("-", "_"),
+            type=kind,
+            help=help_text if default is None else f"{help_text} (default: {default})",
+        )
 
 
 def _client_flags(parser: argparse.ArgumentParser, required: bool) -> None:

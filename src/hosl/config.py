@@ -16,10 +16,14 @@ from typing import Any
 
 import yaml
 
-from hosl.dtypes import DTYPES
+from hosl.dtypes import DTYPES, canonical_name
 from hosl.errors import ConfigError
+from hosl.optim import OPTIMIZERS, SCHEDULES
 
 MODES = ("hosl", "fo", "zo", "fo-full", "zo-full")
+# Built-in evaluation splits are sampled to this many examples unless data.eval_examples says
+# otherwise; a user's --eval-file is read whole and in order.
+DEFAULT_EVAL_EXAMPLES = 500
 
 
 @dataclass(frozen=True)
@@ -34,24 +38,35 @@ class DataConfig:
     task: str = "rt"
     train_file: str | None = None
     eval_file: str | None = None
-    train_examples: int = 1000
-    eval_examples: int = 500
+    # None: 1000 train / 500 eval examples of a built-in split, every row of a user's file.
+    train_examples: int | None = None
+    eval_examples: int | None = None
     eval_split: str = "test"
     max_length: int = 64
     padding_side: str = "right"
+
+    def eval_sample_size(self) -> int | None:
+        """n for the evaluation examples: as asked, else every row of a file, else 500."""
+        if self.eval_examples is not None or self.eval_file is not None:
+            return self.eval_examples
+        return DEFAULT_EVAL_EXAMPLES
 
 
 @dataclass(frozen=True)
 class ZoConfig:
     q: int = 1  # perturbation pairs per step
     eps: float = 1e-3  # perturbation scale ε
-    lr: float = 1e-6  # client (ZO) learning rate η_c; also the server's in `zo` modes
+    # ZO learning rate (--zo-lr): the client's in hosl/zo, the server's too in zo, the whole
+    # model's in zo-full. 1e-4 won the ZO rate search (experiments/lr_zo.yaml).
+    lr: float = 1e-4
 
 
 @dataclass(frozen=True)
 class OptimConfig:
     optimizer: str = "adamw"  # FO optimizer of the server (and of the client in `fo`)
-    lr: float = 1e-5  # FO learning rate
+    # FO learning rate (--fo-lr): the server's in hosl/fo, the client's too in fo, the whole
+    # model's in fo-full. 3e-5 won the AdamW rate search (experiments/lr_fo.yaml).
+    lr: float = 3e-5
     momentum: float = 0.9
     weight_decay: float = 0.0
     schedule: str = "constant"
@@ -163,7 +178,7 @@ def load_config(
         tree = loaded
     for key, value in (overrides or {}).items():
         _set_dotted(tree, key, value)
-    cfg = _build(TrainConfig, tree, "")
+    cfg = canonical_dtypes(_build(TrainConfig, tree, ""))
     validate(cfg)
     return cfg
 
@@ -186,23 +201,24 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.zo.eps > 0, f"zo.eps (the perturbation scale, --eps) must be > 0, got {cfg.zo.eps}"),
         (
             cfg.zo.lr > 0,
-            f"zo.lr (the client learning rate, --client-lr) must be > 0, got {cfg.zo.lr}",
+            f"zo.lr (the ZO learning rate, --zo-lr) must be > 0, got {cfg.zo.lr}",
         ),
         (
             cfg.optim.lr > 0,
-            f"optim.lr (the server learning rate, --server-lr) must be > 0, got {cfg.optim.lr}",
+            f"optim.lr (the FO learning rate, --fo-lr) must be > 0, got {cfg.optim.lr}",
         ),
         (
-            cfg.optim.optimizer in ("sgd", "momentum", "adamw"),
-            f"optim.optimizer must be sgd, momentum or adamw, got {cfg.optim.optimizer!r}",
+            cfg.optim.optimizer in OPTIMIZERS,
+            f"optim.optimizer must be one of {', '.join(OPTIMIZERS)}, "
+            f"got {cfg.optim.optimizer!r}",
         ),
         (
-            cfg.optim.schedule in ("constant", "linear"),
-            f"optim.schedule must be constant or linear, got {cfg.optim.schedule!r}",
+            cfg.optim.schedule in SCHEDULES,
+            f"optim.schedule must be one of {', '.join(SCHEDULES)}, got {cfg.optim.schedule!r}",
         ),
-        (cfg.model.dtype in DTYPES, f"model.dtype must be one of {', '.join(DTYPES)}"),
+        (cfg.model.dtype in DTYPES, f"model.dtype must be one of {', '.join(DTYPES)} "
+                                   f"(or bf16, fp16, fp32), got {cfg.model.dtype!r}"),
         (cfg.wire_dtype in DTYPES, f"wire_dtype must be one of {', '.join(DTYPES)}"),
-        (cfg.model.split_layer >= 0, f"split_layer must be >= 0, got {cfg.model.split_layer}"),
         (cfg.data.max_length >= 2, "data.max_length must be >= 2"),
         (cfg.data.padding_side in ("left", "right"), "data.padding_side must be left or right"),
         (
@@ -213,10 +229,31 @@ def validate(cfg: TrainConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    check_split_layer(cfg.model.split_layer)
     for key in ("train_file", "eval_file"):
         value = getattr(cfg.data, key)
         if value is not None and not Path(value).is_file():
             raise ConfigError(f"--{key.replace('_', '-')} {value}: no such file")
+
+
+def check_split_layer(k: int, n_layers: int | None = None, model: str = "") -> int:
+    """The one check of a split layer k: 0 <= k <= N (N known once the model's config is)."""
+    if n_layers is None:
+        if k < 0:
+            raise ConfigError(f"split_layer must be >= 0, got {k}")
+    elif not 0 <= k <= n_layers:
+        where = f" for {model}" if model else ""
+        raise ConfigError(f"split_layer must be between 0 and {n_layers}{where}, got {k}")
+    return k
+
+
+def canonical_dtypes(cfg: TrainConfig) -> TrainConfig:
+    """Accept every spelling hosl.dtypes knows (bf16, fp16, ...); store the canonical name."""
+    model_dtype = canonical_name(cfg.model.dtype) or cfg.model.dtype
+    wire_dtype = canonical_name(cfg.wire_dtype) or cfg.wire_dtype
+    return dataclasses.replace(
+        cfg, wire_dtype=wire_dtype, model=dataclasses.replace(cfg.model, dtype=model_dtype)
+    )
 
 
 def dump_config(cfg: TrainConfig) -> str:

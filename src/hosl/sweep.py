@@ -38,7 +38,7 @@ from typing import Any
 
 import yaml
 
-from hosl.config import TrainConfig, load_config, load_yaml, to_dict
+from hosl.config import TrainConfig, check_split_layer, load_config, load_yaml, to_dict
 from hosl.errors import ConfigError, HoslError
 from hosl.results import collect, flatten, write_results
 
@@ -154,12 +154,7 @@ def _check_model(cfg: TrainConfig) -> None:
         config = AutoConfig.from_pretrained(Path(name).expanduser())
     else:
         return  # a hub id or a .gguf file: the trainer checks k once it has the model
-    n_layers = num_layers(config)
-    if not 0 <= cfg.model.split_layer <= n_layers:
-        raise ConfigError(
-            f"split_layer must be between 0 and {n_layers} for {name}, "
-            f"got {cfg.model.split_layer}"
-        )
+    check_split_layer(cfg.model.split_layer, num_layers(config), name)
 
 
 def _differences(saved: TrainConfig, planned: TrainConfig) -> list[str]:
