@@ -41,6 +41,18 @@ def save_checkpoint(
     return final
 
 
+def latest_step(run_dir: Path) -> int | None:
+    """The step of the newest complete checkpoint (read from its meta.json only), or None."""
+    pointer = run_dir / "checkpoints" / "latest"
+    if not pointer.is_file():
+        return None
+    meta = run_dir / "checkpoints" / pointer.read_text().strip() / "meta.json"
+    if not meta.is_file():
+        raise HoslError(f"checkpoint {meta.parent} named by {pointer} is missing; the run cannot "
+                        "resume")
+    return int(json.loads(meta.read_text())["step"])
+
+
 def load_latest(run_dir: Path) -> tuple[int, dict[str, Any], dict[str, Any]] | None:
     """(step, state, meta) of the newest complete checkpoint, or None if the run has none."""
     pointer = run_dir / "checkpoints" / "latest"

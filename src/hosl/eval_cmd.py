@@ -8,13 +8,24 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from hosl.build import build_run
 from hosl.checkpoint import load_latest
-from hosl.config import DataConfig, ModelConfig, TrainConfig, load_config, validate
-from hosl.dtypes import DTYPES
+from hosl.config import (
+    DataConfig,
+    ModelConfig,
+    TrainConfig,
+    check_split_layer,
+    load_config,
+    validate,
+)
+from hosl.dtypes import DTYPES, canonical_name
 from hosl.errors import HoslError
 from hosl.evaluation import evaluate
 from hosl.models.loading import load_pretrained
+from hosl.models.split import num_layers
+from hosl.rundir import claim_dir, stamp
 from hosl.tasks import load_examples
 
 
@@ -45,7 +56,9 @@ def _config(
             mode=mode,
             seed=seed,
             model=ModelConfig(
-                name=model or "smollm2-135m", split_layer=split_layer or 0, dtype=dtype
+                name=model or "smollm2-135m",
+                split_layer=split_layer or 0,
+                dtype=canonical_name(dtype) or dtype,
             ),
         )
     data = cfg.data
@@ -63,6 +76,46 @@ def _config(
     return cfg
 
 
+def _split_state(
+    cfg: TrainConfig, run_dir: Path, server_run: Path | None
+) -> tuple[int, dict[str, Any]] | None:
+    """(step, state) of a run's newest checkpoint, with the server's part from `server_run` when
+    the run is a networked client's; None for a run without checkpoints."""
+    loaded = load_latest(run_dir)
+    if loaded is None:
+        if server_run is not None:
+            raise HoslError(f"--run {run_dir} has no checkpoint to pair with --server-run")
+        return None
+    step, state, _ = loaded
+    networked_client = "client" in state and "server" not in state
+    if server_run is None:
+        if networked_client:
+            raise HoslError(
+                f"--run {run_dir} is a `hosl client` run: its server part lives in the `hosl "
+                f"serve` directory; evaluate with `hosl eval --run {run_dir} --server-run "
+                "SERVER_DIR`"
+            )
+        return step, state
+    if not networked_client:
+        raise HoslError(f"--run {run_dir} holds its server part; drop --server-run")
+    server_cfg_path = server_run / "config.yaml"
+    if not server_cfg_path.is_file():
+        raise HoslError(f"--server-run {server_run}: not a server directory (no config.yaml)")
+    server_cfg = load_config(server_cfg_path)
+    mine = (cfg.mode, cfg.model.name, cfg.model.split_layer, cfg.model.dtype)
+    theirs = (server_cfg.mode, server_cfg.model.name, server_cfg.model.split_layer,
+              server_cfg.model.dtype)
+    if mine != theirs:
+        raise HoslError(f"--server-run {server_run} serves {theirs}, the run is {mine}")
+    path = server_run / "checkpoints" / f"step-{step}" / "state.pt"
+    if not path.is_file():
+        raise HoslError(
+            f"--server-run {server_run} has no checkpoint of step {step}, the client's newest"
+        )
+    server_state = torch.load(path, map_location="cpu", weights_only=True)
+    return step, {**state, "server": server_state["server"]}
+
+
 def run_eval(
     *,
     model: str | None,
@@ -76,30 +129,38 @@ def run_eval(
     seed: int,
     output: Path | None,
     dtype: str,
+    server_run: Path | None = None,
 ) -> dict[str, Any]:
+    # Every check that needs no model comes first: a mistake costs no model load.
     if batch_size < 1:
         raise HoslError(f"--batch-size must be >= 1, got {batch_size}")
+    if server_run is not None and run_dir is None:
+        raise HoslError("--server-run pairs with --run (a `hosl client` run directory)")
     cfg = _config(
         model, run_dir, task, eval_file, split_layer, eval_examples, max_length, seed, dtype
     )
-    net, tokenizer = load_pretrained(cfg.model.name, dtype=DTYPES[cfg.model.dtype])
     examples = load_examples(
         cfg.data.task,
         cfg.data.eval_split,
         file=cfg.data.eval_file,
-        n=cfg.data.eval_examples,
+        n=cfg.data.eval_sample_size(),
         seed=cfg.seed,
     )
+    loaded = _split_state(cfg, run_dir, server_run) if run_dir is not None else None
+    net, tokenizer = load_pretrained(cfg.model.name, dtype=DTYPES[cfg.model.dtype])
+    if not cfg.mode.endswith("-full"):
+        check_split_layer(cfg.model.split_layer, num_layers(net), cfg.model.name)
     run = build_run(cfg, net)
     step = 0
-    if run_dir is not None and (loaded := load_latest(run_dir)) is not None:
-        step, state, _ = loaded
+    if loaded is not None:
+        step, state = loaded
         run.load_state_dict(state)
-    out = output or (
-        run_dir / f"eval-{cfg.data.task}"
-        if run_dir
-        else Path("runs") / f"eval-{cfg.data.task}-{time.strftime('%Y%m%d-%H%M%S')}"
-    )
+    if output is not None:
+        out = output
+    elif run_dir is not None:
+        out = run_dir / f"eval-{cfg.data.task}"
+    else:
+        out = claim_dir(Path("runs"), f"eval-{cfg.data.task}-{stamp()}")
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     acc = evaluate(

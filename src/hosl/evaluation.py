@@ -33,10 +33,16 @@ def evaluate(
             pred = int(preds[i])
             correct += int(pred == ex.label)
             if predictions_path is not None:
-                lines.append(json.dumps({
-                    "index": start + i, "scores": [round(float(s), 6) for s in scores[i]],
+                # A user's file: its own record number (and line); else the position evaluated.
+                source = getattr(ex, "source_index", None)
+                record = {
+                    "index": start + i if source is None else source,
+                    "scores": [round(float(s), 6) for s in scores[i]],
                     "prediction": pred, "label": ex.label,
-                }))
+                }
+                if getattr(ex, "source_line", None) is not None:
+                    record["line"] = ex.source_line
+                lines.append(json.dumps(record))
     if predictions_path is not None:
         predictions_path.write_text("\n".join(lines) + ("\n" if lines else ""))
     return correct / max(1, len(examples))

@@ -19,7 +19,6 @@ import logging
 import os
 import signal
 import threading
-import time
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,13 +28,14 @@ import grpc
 import torch
 
 from hosl.checkpoint import load_latest, save_checkpoint
-from hosl.config import TrainConfig, dump_config
+from hosl.config import TrainConfig, check_split_layer, dump_config
 from hosl.dtypes import DTYPES
 from hosl.errors import ConfigError
 from hosl.models.loading import load_pretrained
 from hosl.models.split import num_layers, split_model
 from hosl.optim import build_optimizer, build_scheduler
 from hosl.parties.server import ServerParty
+from hosl.rundir import check_empty, claim_dir, stamp
 from hosl.transport.framing import grpc_options
 from hosl.transport.grpc_server import ServerState, SplitServicer
 from hosl.transport.handshake import identity_for
@@ -55,18 +55,17 @@ class ServeOptions:
     max_frame_mb: int = 1024  # the largest message (one activation tensor) accepted
 
 
-def _run_dir(cfg: TrainConfig, resume_dir: Path | None) -> Path:
+def _run_dir(cfg: TrainConfig, resume_dir: Path | None, *, create: bool = False) -> Path | None:
+    """The server directory: checked before the model loads, created (`create`) after."""
     if resume_dir is not None:
         return resume_dir
     if cfg.output:
-        path = Path(cfg.output)
-        if path.exists() and any(path.iterdir()):
-            raise ConfigError(
-                f"server directory {path} is not empty; continue it with --resume {path} "
-                "or choose another --output"
-            )
+        path = check_empty(Path(cfg.output), "server directory")
+        if create:
+            path.mkdir(parents=True, exist_ok=True)
         return path
-    return Path("runs") / f"serve-{cfg.mode}-{time.strftime('%Y%m%d-%H%M%S')}"
+    # A unique default name, claimed atomically once there is something to write.
+    return claim_dir(Path("runs"), f"serve-{cfg.mode}-{stamp()}") if create else None
 
 
 def _logger(run_dir: Path) -> logging.Logger:
@@ -87,12 +86,7 @@ def build_server_party(cfg: TrainConfig) -> tuple[ServerParty, object, int]:
     if cfg.mode not in ("hosl", "fo", "zo"):
         raise ConfigError(f"hosl serve runs the split modes hosl, fo and zo, not {cfg.mode!r}")
     model, _ = load_pretrained(cfg.model.name, dtype=DTYPES[cfg.model.dtype])
-    n = num_layers(model)
-    if not 0 <= cfg.model.split_layer <= n:
-        raise ConfigError(
-            f"split_layer must be between 0 and {n} for {cfg.model.name}, "
-            f"got {cfg.model.split_layer}"
-        )
+    check_split_layer(cfg.model.split_layer, num_layers(model), cfg.model.name)
     config = model.config
     client_part, server_part = split_model(model, cfg.model.split_layer)
     del model, client_part  # the embeddings and blocks 0..k-1 are the client's
@@ -125,10 +119,11 @@ def serve(
             "(or listen on 127.0.0.1)"
         )
     credentials = server_credentials(opts.tls_cert, opts.tls_key)
-    run_dir = _run_dir(cfg, resume_dir)
+    _run_dir(cfg, resume_dir)  # a non-empty --output is refused before the model loads
     torch.manual_seed(cfg.seed)
     party, config, hidden_size = build_server_party(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = _run_dir(cfg, resume_dir, create=True)
+    assert run_dir is not None
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     log = _logger(run_dir)
 

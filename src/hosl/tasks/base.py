@@ -32,6 +32,10 @@ class Example:
     prompt: str
     candidates: tuple[str, ...]
     label: int
+    # Where a user's file holds the row: its 0-based record number (header and blank lines not
+    # counted) and the 1-based line it starts on. None for built-in data.
+    source_index: int | None = field(default=None, compare=False, repr=False)
+    source_line: int | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not 0 <= self.label < len(self.candidates):

@@ -15,6 +15,7 @@ where the offending record starts), so the user can open the file at the right p
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,14 +27,18 @@ SUFFIXES = (".jsonl", ".json", ".csv")
 
 
 def read_examples(task: Task, path: str | Path) -> list[Example]:
-    """Render every row of `path` with `task`, in file order."""
+    """Render every row of `path` with `task`, in file order, each marked with where it came from
+    (`Example.source_index`, `Example.source_line`)."""
     path = Path(path)
     examples = []
     for line, row in read_rows(path, task):
         try:
-            examples.append(task.render(row))
+            example = task.render(row)
         except DataError as err:
             raise DataError(f"{path}:{line}: {err}") from None
+        examples.append(
+            dataclasses.replace(example, source_index=len(examples), source_line=line)
+        )
     if not examples:
         raise DataError(f"{path}: the file has no rows; it needs {_needs(task)}")
     return examples
