@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
+import torch
+
+from conftest import sentiment_rows
 from hosl.cli import main
 
 
@@ -44,3 +48,62 @@ def test_eval_rejects_model_with_run(tmp_path, capsys) -> None:
     (tmp_path / "config.yaml").write_text("mode: hosl\n")
     assert main(["eval", "--run", str(tmp_path), "--model", "x"]) == 2
     assert "drop --model" in capsys.readouterr().err
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def test_a_users_eval_file_is_read_whole_and_in_order(tiny_model_dir, tmp_path, capsys) -> None:
+    rows = sentiment_rows(600, seed=5)  # more than the 500 a built-in split is sampled to
+    data = tmp_path / "mine.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = ["eval", "--model", str(tiny_model_dir), "--task", "sst2", "--eval-file", str(data),
+              "--max-length", "16", "--batch-size", "64"]
+    assert main([*common, "--output", str(tmp_path / "all")]) == 0
+    preds = _preds(tmp_path / "all" / "predictions.jsonl")
+    assert [p["index"] for p in preds] == list(range(600))
+    assert [p["label"] for p in preds] == [r["label"] for r in rows]
+    assert [p["line"] for p in preds] == list(range(1, 601))
+    # a sample only when asked for, and still indexed by the user's own rows
+    assert main([*common, "--eval-examples", "20", "--output", str(tmp_path / "some")]) == 0
+    some = _preds(tmp_path / "some" / "predictions.jsonl")
+    assert len(some) == 20 and len({p["index"] for p in some}) == 20
+    assert all(p["label"] == rows[p["index"]]["label"] for p in some)
+
+
+def test_eval_accepts_dtype_aliases(tiny_model_dir, sentiment_files, tmp_path, capsys) -> None:
+    common = ["eval", "--model", str(tiny_model_dir), "--task", "sst2",
+              "--eval-file", str(sentiment_files[1]), "--max-length", "16"]
+    assert main([*common, "--dtype", "bf16", "--output", str(tmp_path / "bf16")]) == 0
+    assert main([*common, "--dtype", "nope", "--output", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "nope" in err and "bf16" in err and len(err.splitlines()) == 1
+
+
+def test_eval_of_a_client_run_needs_its_server_directory(
+    tiny_model_dir, sentiment_files, tmp_path, capsys
+) -> None:
+    """A `hosl client` run holds only the client's state; `--server-run` brings the server's."""
+    run = tmp_path / "run"
+    assert main(["train", "--model", str(tiny_model_dir), "--task", "sst2",
+                 "--train-file", str(sentiment_files[0]), "--eval-file", str(sentiment_files[1]),
+                 "--max-length", "16", "--steps", "2", "--split-layer", "1", "--batch-size", "8",
+                 "--fo-lr", "0.05", "--output", str(run), "--no-progress"]) == 0
+    # Split the in-process run into what a client and a server directory would hold.
+    client, server = tmp_path / "client", tmp_path / "server"
+    shutil.copytree(run, client)
+    state_path = client / "checkpoints" / "step-2" / "state.pt"
+    state = torch.load(state_path, weights_only=True)
+    torch.save({"client": state["client"]}, state_path)
+    (server / "checkpoints" / "step-2").mkdir(parents=True)
+    shutil.copy(run / "config.yaml", server / "config.yaml")
+    torch.save({"server": state["server"]}, server / "checkpoints" / "step-2" / "state.pt")
+    capsys.readouterr()
+
+    assert main(["eval", "--run", str(client)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--server-run" in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert main(["eval", "--run", str(client), "--server-run", str(server)]) == 0
+    again = _preds(client / "eval-sst2" / "predictions.jsonl")
+    assert [p["scores"] for p in again] == [p["scores"] for p in _preds(run / "predictions.jsonl")]
