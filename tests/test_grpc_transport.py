@@ -144,7 +144,7 @@ def _hosl_request(run: Run, batch, step: int, micro: int, update: bool) -> HoslS
 
     return HoslStepRequest(
         step, micro, update, cut(batch, clean),
-        list(run.client.perturbed_pairs(batch, run.runner.seeds(step, micro), 1e-3)),
+        list(run.client.perturbed_deltas(batch, run.runner.seeds(step, micro), 1e-3, clean.hidden)),
         clean.hidden,
     )
 

@@ -96,6 +96,7 @@ def build_run(
             eps=cfg.zo.eps,
             zo_lr=zo_lr,
             run_seed=cfg.seed,
+            weight_decay=cfg.optim.weight_decay,
             optimizer=opt,
             scheduler=sched,
         )
@@ -128,6 +129,7 @@ def build_run(
         zo_lr=zo_lr,
         run_seed=cfg.seed,
         grad_accum=cfg.grad_accum,
+        weight_decay=cfg.optim.weight_decay,
     )
     return Run(
         mode=cfg.mode,

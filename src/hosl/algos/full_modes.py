@@ -16,9 +16,10 @@ from hosl.models.split import UnsplitPart
 from hosl.parties.state import PartyState
 from hosl.scoring import candidate_scores, classification_loss
 from hosl.zo import (
-    PerturbedForward,
+    ZoRecords,
     ZoTarget,
     apply_zo_update_,
+    pair_losses,
     perturbation_seed,
     projected_gradient,
 )
@@ -31,6 +32,7 @@ class FullRunner(PartyState):
     eps: float
     zo_lr: Callable[[int], float]
     run_seed: int
+    weight_decay: float = 0.0  # decoupled, as AdamW's: applied by the ZO update too
     optimizer: torch.optim.Optimizer | None = None
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
 
@@ -62,21 +64,19 @@ def fo_full_step(run: FullRunner, micro_batches: Sequence[Batch], step: int) -> 
 
 
 def zo_full_step(run: FullRunner, micro_batches: Sequence[Batch], step: int) -> float:
-    pending: list[tuple[int, float]] = []
+    records = ZoRecords(run.q, len(micro_batches))
     losses = []
     for m, batch in enumerate(micro_batches):
         for q in range(run.q):
             seed = perturbation_seed(run.run_seed, step, m, q)
             with run.phase("zo_estimate"), torch.inference_mode():
-                with PerturbedForward(run.zo, seed, +run.eps):
-                    plus = run.loss(batch).item()
-                with PerturbedForward(run.zo, seed, -run.eps):
-                    minus = run.loss(batch).item()
-            g = projected_gradient(plus, minus, run.eps)
-            pending.append((seed, g / (run.q * len(micro_batches))))
+                plus, minus = pair_losses(
+                    run.zo, seed, run.eps, lambda _sign, batch=batch: run.loss(batch).item()
+                )
+            records.add(seed, projected_gradient(plus, minus, run.eps))
             losses.append((plus + minus) / 2)
     with run.phase("update"):
-        apply_zo_update_(run.zo, pending, run.zo_lr(step))
+        apply_zo_update_(run.zo, records.records, run.zo_lr(step), run.weight_decay)
     return sum(losses) / len(losses)
 
 

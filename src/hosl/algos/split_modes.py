@@ -15,15 +15,15 @@ import torch
 from hosl.batching import Batch
 from hosl.models.split import Activations, position_ids_from_mask
 from hosl.parties.client import ClientParty
-from hosl.transport.base import Transport
-from hosl.transport.messages import (
+from hosl.protocol import (
     CutBatch,
     EvalRequest,
     FoStepRequest,
     HoslStepRequest,
     ZoStepRequest,
 )
-from hosl.zo import perturbation_seed, projected_gradient
+from hosl.transport.base import Transport
+from hosl.zo import ZoRecords, perturbation_seed
 
 
 @dataclass
@@ -35,6 +35,7 @@ class SplitRunner:
     zo_lr: Callable[[int], float]  # client (and ZO-server) learning rate at a step
     run_seed: int
     grad_accum: int = 1
+    weight_decay: float = 0.0  # decoupled, as AdamW's: applied by the ZO updates too
 
     def seeds(self, step: int, micro: int) -> list[int]:
         return [perturbation_seed(self.run_seed, step, micro, q) for q in range(self.q)]
@@ -59,28 +60,26 @@ def cut(batch: Batch, acts: Activations | None = None) -> CutBatch:
 
 
 def hosl_step(run: SplitRunner, micro_batches: Sequence[Batch], step: int) -> float:
-    pending: list[tuple[int, float]] = []  # (seed, projected gradient / (Q·A)): the whole update
+    records = ZoRecords(run.q, len(micro_batches))  # the client's whole update
     losses: list[float] = []
     last = len(micro_batches) - 1
     for m, batch in enumerate(micro_batches):
         seeds = run.seeds(step, m)
-        perturbed = run.client.perturbed_pairs(batch, seeds, run.eps)  # 2Q × (S, L, H)
         clean = run.client.activations(batch)  # (S, L, H) at θ_c
+        deltas = run.client.perturbed_deltas(batch, seeds, run.eps, clean.hidden)  # 2Q × (S, L, H)
         reply = run.transport.hosl_step(
             HoslStepRequest(
                 step=step,
                 micro=m,
                 update=m == last,
                 batch=cut(batch, clean),
-                perturbed=perturbed,
+                perturbed=deltas,
                 clean=clean.hidden,
             )
         )
-        for q, seed in enumerate(seeds):
-            g = projected_gradient(reply.losses[2 * q], reply.losses[2 * q + 1], run.eps)
-            pending.append((seed, g / (run.q * len(micro_batches))))
+        records.add_losses(seeds, reply.losses, run.eps)
         losses.append(reply.loss)
-    run.client.apply_zo(pending, run.zo_lr(step))
+    run.client.apply_zo(records.records, run.zo_lr(step), run.weight_decay)
     return sum(losses) / len(losses)
 
 
@@ -105,28 +104,29 @@ def fo_step(run: SplitRunner, micro_batches: Sequence[Batch], step: int) -> floa
 
 
 def zo_step(run: SplitRunner, micro_batches: Sequence[Batch], step: int) -> float:
-    pending: list[tuple[int, float]] = []
+    records = ZoRecords(run.q, len(micro_batches))
     losses: list[float] = []
     last = len(micro_batches) - 1
     lr = run.zo_lr(step)
     for m, batch in enumerate(micro_batches):
         seeds = run.seeds(step, m)
-        perturbed = run.client.perturbed_pairs(batch, seeds, run.eps)
         reply = run.transport.zo_step(
             ZoStepRequest(
                 step=step,
                 micro=m,
                 update=m == last,
                 lr=lr,
+                weight_decay=run.weight_decay,
                 eps=run.eps,
                 seeds=seeds,
                 batch=cut(batch),  # ZO-ZO needs no clean forward pass
-                perturbed=perturbed,
+                perturbed=run.client.perturbed_deltas(batch, seeds, run.eps),
             )
         )
-        pending += [(seed, g / (run.q * len(micro_batches))) for seed, g in zip(seeds, reply.grads)]
+        for seed, g in zip(seeds, reply.grads):
+            records.add(seed, g)
         losses.append(sum(reply.losses) / len(reply.losses))
-    run.client.apply_zo(pending, lr)
+    run.client.apply_zo(records.records, lr, run.weight_decay)
     return sum(losses) / len(losses)
 
 

@@ -256,8 +256,8 @@ def split_model(model: PreTrainedModel, k: int) -> tuple[ClientPart, ServerPart]
     k = _check_split_layer(config, k)
     n = int(config.num_hidden_layers)
     head = _output_head(model)
-    if _is_tied(model, head):
-        head = _own_head_copy(head)
+    tied = _is_tied(model, head)
+    own_head = _own_head_copy(head) if tied else head
     client = ClientPart(
         config,
         k,
@@ -269,8 +269,13 @@ def split_model(model: PreTrainedModel, k: int) -> tuple[ClientPart, ServerPart]
         k,
         adapter.block_stage(model, k, n, own_helpers=True),
         adapter.final_stage(model),
-        head,
+        own_head,
     )
+    # The server's copy of a tied head is, in the unsplit model, the client's embedding: it keeps
+    # that tensor's name, so both copies see the same noise and take the same ZO update.
+    aliases = {id(own_head.weight): _model_names(model)[id(head.weight)]} if tied else {}
+    _name_parameters(client, model, aliases)
+    _name_parameters(server, model, aliases)
     return client, server
 
 
@@ -279,10 +284,31 @@ def unsplit_model(model: PreTrainedModel) -> UnsplitPart:
     config = model.config
     adapter = _adapter_for(config)
     n = int(config.num_hidden_layers)
-    return UnsplitPart(
+    part = UnsplitPart(
         config,
         adapter.embedding_stage(model),
         adapter.block_stage(model, 0, n, own_helpers=False),
         adapter.final_stage(model),
         _output_head(model),
     )
+    _name_parameters(part, model)
+    return part
+
+
+def _model_names(model: PreTrainedModel) -> dict[int, str]:
+    """id(parameter) -> its name in the whole model (a tied head: the embedding's name)."""
+    return {id(p): name for name, p in model.named_parameters()}
+
+
+def _name_parameters(
+    part: nn.Module, model: PreTrainedModel, aliases: dict[int, str] | None = None
+) -> None:
+    """Record on `part` the whole model's name of each of its parameters (`part.model_names`).
+
+    A part re-indexes its blocks from 0 (`blocks.layers.0` is block k on the server), so its own
+    names are not unique across the split. The ZO noise of a tensor is keyed by its name: keyed by
+    the model's names, no two tensors on either side ever share noise, and a tensor sees the same
+    z whether it sits in the client, the server or the unsplit model.
+    """
+    names = {**_model_names(model), **(aliases or {})}
+    part.model_names = {local: names[id(p)] for local, p in part.named_parameters()}

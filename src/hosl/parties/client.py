@@ -18,28 +18,55 @@ from hosl.parties.state import PartyState
 from hosl.zo import PerturbedForward, ZoTarget, apply_zo_update_
 
 
-class LazyPairs(Sequence[Tensor]):
-    """[h⁺₁, h⁻₁, h⁺₂, ...] computed one forward pass at a time, when read.
+class LazyDeltas(Sequence[Tensor]):
+    """The 2Q perturbed activations as the wire carries them, one forward pass at a time, when read.
+
+    With a `base` (HOSL: the clean h), element i is hᵢ − h. Without one (ZO-ZO, which has no
+    clean pass), a pair travels as h⁺_q and then h⁻_q − h⁺_q. Either way the ε-sized signal is
+    a difference, which a low-precision wire rounds relative to its own small size (see
+    `hosl.protocol`).
 
     A streaming transport puts each activation on the wire as soon as its forward pass ends, so
-    the server evaluates h⁺₁ while the client computes h⁻₁, and the client holds one perturbed
-    activation at a time instead of 2Q. Nothing is cached: reading an element again runs its
-    forward again (same seed, same θ_c: the same tensor), which is what a resend after a lost
-    connection needs.
+    the server evaluates the first while the client computes the next, and the client holds one
+    perturbed activation at a time instead of 2Q (two without a base: h⁺_q until h⁻_q is sent).
+    Reading an element again runs its forward again (same seed, same θ_c: the same tensor),
+    which is what a resend after a lost connection needs.
     """
 
-    def __init__(self, party: ClientParty, batch: Batch, seeds: Sequence[int], eps: float) -> None:
+    def __init__(
+        self,
+        party: ClientParty,
+        batch: Batch,
+        seeds: Sequence[int],
+        eps: float,
+        base: Tensor | None = None,
+    ) -> None:
         self._party, self._batch, self._seeds, self._eps = party, batch, list(seeds), eps
+        self._base = base
+        self._plus: tuple[int, Tensor] | None = None  # (q, h⁺_q) while h⁻_q is pending
 
     def __len__(self) -> int:
         return 2 * len(self._seeds)
 
+    def _hidden(self, q: int, sign: int) -> Tensor:
+        scale = self._eps if sign > 0 else -self._eps
+        return self._party.activations(self._batch, self._seeds[q], scale).hidden
+
     def __getitem__(self, i: int) -> Tensor:  # type: ignore[override]
         if not -len(self) <= i < len(self):
             raise IndexError(i)
-        q, sign = divmod(i % len(self), 2)
-        scale = -self._eps if sign else self._eps
-        return self._party.activations(self._batch, self._seeds[q], scale).hidden
+        q, minus = divmod(i % len(self), 2)
+        hidden = self._hidden(q, -1 if minus else +1)  # (S, L, H), an inference tensor
+        if self._base is None and not minus:
+            self._plus = (q, hidden)
+            return hidden
+        if self._base is not None:
+            base = self._base
+        else:
+            base = self._plus[1] if self._plus and self._plus[0] == q else self._hidden(q, +1)
+            self._plus = None
+        with torch.inference_mode():
+            return hidden.sub_(base)
 
     def __iter__(self) -> Iterator[Tensor]:
         return (self[i] for i in range(len(self)))
@@ -57,7 +84,7 @@ class ClientParty(PartyState):
         self.zo = ZoTarget(part)
         self.optimizer = optimizer
         self.scheduler = scheduler
-        self.lazy_pairs = lazy_pairs  # see LazyPairs: for transports that stream each activation
+        self.lazy_pairs = lazy_pairs  # see LazyDeltas: for transports that stream each activation
 
     @torch.inference_mode()
     def activations(self, batch: Batch, seed: int | None = None, scale: float = 0.0) -> Activations:
@@ -68,24 +95,21 @@ class ClientParty(PartyState):
         with self.phase("zo_estimate"), PerturbedForward(self.zo, seed, scale):
             return self.part(batch.input_ids, batch.attention_mask)
 
-    def perturbed_pairs(
-        self, batch: Batch, seeds: Sequence[int], eps: float
+    def perturbed_deltas(
+        self, batch: Batch, seeds: Sequence[int], eps: float, base: Tensor | None = None
     ) -> Sequence[Tensor]:
-        """[h⁺₁, h⁻₁, h⁺₂, h⁻₂, ...]: 2Q hidden states (S, L, H), all around the same θ_c.
+        """2Q perturbed activations (S, L, H) around the same θ_c, as differences (`LazyDeltas`).
 
-        With `lazy_pairs`, a `LazyPairs` that runs each forward pass when its element is read.
+        With `lazy_pairs` each forward pass runs when its element is read; otherwise all run now.
         """
-        if self.lazy_pairs:
-            return LazyPairs(self, batch, seeds, eps)
-        hidden: list[Tensor] = []
-        for seed in seeds:
-            hidden.append(self.activations(batch, seed, +eps).hidden)
-            hidden.append(self.activations(batch, seed, -eps).hidden)
-        return hidden
+        deltas = LazyDeltas(self, batch, seeds, eps, base)
+        return deltas if self.lazy_pairs else list(deltas)
 
-    def apply_zo(self, seeds_and_coefs: Sequence[tuple[int, float]], lr: float) -> None:
+    def apply_zo(
+        self, seeds_and_coefs: Sequence[tuple[int, float]], lr: float, weight_decay: float = 0.0
+    ) -> None:
         with self.phase("update"):
-            apply_zo_update_(self.zo, seeds_and_coefs, lr)
+            apply_zo_update_(self.zo, seeds_and_coefs, lr, weight_decay)
 
     # First-order split (mode `fo`) -------------------------------------------------------------
 

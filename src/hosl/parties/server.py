@@ -12,8 +12,7 @@ from torch import Tensor
 
 from hosl.models.split import Activations, ServerPart
 from hosl.parties.state import PartyState
-from hosl.scoring import candidate_scores, classification_loss
-from hosl.transport.messages import (
+from hosl.protocol import (
     CutBatch,
     EvalReply,
     EvalRequest,
@@ -24,7 +23,8 @@ from hosl.transport.messages import (
     ZoStepReply,
     ZoStepRequest,
 )
-from hosl.zo import PerturbedForward, ZoTarget, apply_zo_update_, projected_gradient
+from hosl.scoring import candidate_scores, classification_loss
+from hosl.zo import ZoRecords, ZoTarget, apply_zo_update_, pair_losses, projected_gradient
 
 
 class ServerParty(PartyState):
@@ -40,7 +40,7 @@ class ServerParty(PartyState):
         self.scheduler = scheduler
         self.grad_accum = grad_accum
         self.zo = ZoTarget(part)
-        self._pending_zo: list[tuple[int, float]] = []
+        self._zo_records: ZoRecords | None = None  # a ZO-ZO step's records until it ends
 
     def _scores(self, hidden: Tensor, batch: CutBatch) -> Tensor:
         final = self.part(Activations(hidden, batch.attention_mask, batch.position_ids))
@@ -62,8 +62,9 @@ class ServerParty(PartyState):
             return loss.item(), hidden.grad
 
     def hosl_step(self, req: HoslStepRequest) -> HoslStepReply:
-        losses = [self._loss(h, req.batch) for h in req.perturbed]  # all at the same θ_s
-        loss, _ = self._backward(req.clean, req.batch, want_input_grad=False)
+        # req.perturbed holds h± − h (see hosl.protocol): h + (h± − h) rebuilds each h±
+        losses = [self._loss(req.clean + delta, req.batch) for delta in req.perturbed]
+        loss, _ = self._backward(req.clean, req.batch, want_input_grad=False)  # after: same θ_s
         if req.update:
             self.optimizer_step()
         return HoslStepReply(losses=losses, loss=loss)
@@ -76,28 +77,35 @@ class ServerParty(PartyState):
         return FoStepReply(loss=loss, grad=grad)
 
     def zo_step(self, req: ZoStepRequest) -> ZoStepReply:
+        if self._zo_records is None:
+            self._zo_records = ZoRecords(len(req.seeds), self.grad_accum)
         losses: list[float] = []
-        grads: list[float] = []
         for q, seed in enumerate(req.seeds):
-            with PerturbedForward(self.zo, seed, +req.eps):
-                plus = self._loss(req.perturbed[2 * q], req.batch)
-            with PerturbedForward(self.zo, seed, -req.eps):
-                minus = self._loss(req.perturbed[2 * q + 1], req.batch)
-            losses += [plus, minus]
-            grads.append(projected_gradient(plus, minus, req.eps))
-        scale = 1.0 / (len(req.seeds) * self.grad_accum)
-        self._pending_zo += [(seed, g * scale) for seed, g in zip(req.seeds, grads)]
+
+            def loss_at(sign: int, q: int = q) -> float:
+                hidden = req.perturbed[2 * q]  # h⁺_q
+                if sign < 0:
+                    hidden = hidden + req.perturbed[2 * q + 1]  # h⁺_q + (h⁻_q − h⁺_q)
+                return self._loss(hidden, req.batch)
+
+            losses += pair_losses(self.zo, seed, req.eps, loss_at)
+        grads = [
+            projected_gradient(losses[2 * q], losses[2 * q + 1], req.eps)
+            for q in range(len(req.seeds))
+        ]
+        for seed, g in zip(req.seeds, grads):
+            self._zo_records.add(seed, g)
         if req.update:
             with self.phase("update"):
-                apply_zo_update_(self.zo, self._pending_zo, req.lr)
-            self._pending_zo = []
+                apply_zo_update_(self.zo, self._zo_records.records, req.lr, req.weight_decay)
+            self._zo_records = None
         return ZoStepReply(losses=losses, grads=grads)
 
     def discard_partial_step(self) -> None:
         """Forget what an unfinished step accumulated (gradients, pending ZO coefficients), so a
         step whose client vanished leaves the server exactly as before it."""
         self.part.zero_grad(set_to_none=True)
-        self._pending_zo = []
+        self._zo_records = None
 
     @torch.inference_mode()
     def evaluate(self, req: EvalRequest) -> EvalReply:

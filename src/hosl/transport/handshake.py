@@ -20,7 +20,8 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
-PROTOCOL_VERSION = 1
+# 2: perturbed activations travel as differences (hosl.protocol); ZO-ZO steps carry weight decay.
+PROTOCOL_VERSION = 2
 
 # Config entries that describe how a model was saved or is run, not what it computes.
 _VOLATILE_KEYS = frozenset(

@@ -1,8 +1,8 @@
-"""What the client and the server say to each other, and how each message becomes bytes.
+"""How each message of `hosl.protocol` becomes bytes, and back.
 
-Each message is a small dataclass. `to_bytes`/`from_bytes` walk its fields generically: tensors
-travel as raw frames, lists of tensors as numbered frames, nested dataclasses with a dotted
-prefix, everything else as JSON scalars. Hidden states are cast to the wire dtype on the way out.
+`to_bytes`/`from_bytes` walk a message's fields generically: tensors travel as raw frames, lists
+of tensors as numbered frames, nested dataclasses with a dotted prefix, everything else as JSON
+scalars. Hidden states are cast to the wire dtype on the way out.
 """
 
 from __future__ import annotations
@@ -10,88 +10,24 @@ from __future__ import annotations
 import dataclasses
 import typing
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from hosl.batching import ScoreSpec
+from hosl.protocol import (
+    CutBatch,
+    EvalReply,
+    EvalRequest,
+    FoStepReply,
+    FoStepRequest,
+    HoslStepReply,
+    HoslStepRequest,
+    ZoStepReply,
+    ZoStepRequest,
+)
 from hosl.transport.codec import CodecError, Limits, decode, encode
-
-
-@dataclass
-class CutBatch:
-    """Everything the server needs about a batch except the hidden states: no raw text."""
-
-    attention_mask: Tensor  # (S, L) long
-    position_ids: Tensor  # (S, L) long
-    spec: ScoreSpec
-
-
-@dataclass
-class HoslStepRequest:
-    """One HOSL step's traffic: 2Q perturbed activations and the clean one, sent together."""
-
-    step: int
-    micro: int
-    update: bool  # the last micro-batch of the step: the server steps its optimizer
-    batch: CutBatch
-    perturbed: list[Tensor]  # 2Q × (S, L, H): h⁺₁, h⁻₁, h⁺₂, h⁻₂, ...
-    clean: Tensor  # (S, L, H) at the unperturbed client parameters
-
-
-@dataclass
-class HoslStepReply:
-    losses: list[float]  # 2Q losses at the server's parameters before its update
-    loss: float  # the clean loss the server trained on
-
-
-@dataclass
-class FoStepRequest:
-    step: int
-    micro: int
-    update: bool
-    batch: CutBatch
-    hidden: Tensor  # (S, L, H)
-
-
-@dataclass
-class FoStepReply:
-    loss: float
-    grad: Tensor  # (S, L, H): ∂L/∂h for the client's backward
-
-
-@dataclass
-class ZoStepRequest:
-    """ZO-ZO: the server perturbs its own parameters with the same seeds as the client."""
-
-    step: int
-    micro: int
-    update: bool
-    lr: float
-    eps: float
-    seeds: list[int]  # Q seeds
-    batch: CutBatch
-    perturbed: list[Tensor]  # 2Q × (S, L, H), same order as HoslStepRequest
-
-
-@dataclass
-class ZoStepReply:
-    losses: list[float]  # 2Q
-    grads: list[float]  # Q projected gradients, each averaged by the server the same way
-
-
-@dataclass
-class EvalRequest:
-    batch: CutBatch
-    hidden: Tensor  # (S, L, H)
-
-
-@dataclass
-class EvalReply:
-    scores: Tensor  # (B, C) per-candidate mean log-probabilities
-
 
 MESSAGES: dict[str, type] = {
     cls.__name__: cls

@@ -10,13 +10,23 @@ parameters swaps in θ + scale·z for that module alone, and a forward hook swap
 - z is drawn twice per pair (for h⁺ and h⁻) instead of three times.
 
 Embedding matrices are the exception that matters (V × d, the largest tensor of a small model):
-their noise is drawn row by row (`row_noise`), so a plain `nn.Embedding` is perturbed by adding
-scale·z[ids] to its output — only the rows the batch looks up are generated, (B·L × d) instead
-of (V × d) — and the update walks the matrix in chunks of rows. The direction z is the same
-Gaussian as before; only where it is drawn from changed.
+a plain `nn.Embedding` is perturbed by adding scale·z[ids] to its output, with z drawn for the
+looked-up rows only (`row_noise`: the same rows as the whole tensor's z, bit for bit), so a
+forward makes (B·L × d) of noise instead of (V × d), and the update walks the matrix in chunks of
+rows.
 
 The update θ −= lr · Σ_i c_i z_i regenerates each z_i from its seed one tensor (or one chunk of
 rows) at a time.
+
+Low precision (bf16 parameters). A ZO estimate reads an ε-sized change of the loss, which bf16
+(8 bits of mantissa, about 0.4% of θ) would round away twice: in θ + εz, and in every
+activation. So a party whose parameters are stored in bf16 computes in float32: each module's
+θ (+ scale·z) is formed in float32 on use, one module at a time, and its activations stay
+float32 (`PerturbedForward` with no seed does the same for a clean forward). No float32 copy of
+the model is ever held. Its update is rounded stochastically (`_stochastic_round`): an update
+smaller than half a bf16 step (most of them, at ZO learning rates) lands with the right
+probability instead of vanishing, so the expected update is the intended one. The rounding's
+random bits are a pure function of the step's records, so a replay rounds identically.
 """
 
 from __future__ import annotations
@@ -27,21 +37,27 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from hosl.zo.seeds import ROW_CHUNK_ELEMENTS, noise_for, row_noise
+from hosl.zo.seeds import ROW_CHUNK_ELEMENTS, noise_for, row_noise, tensor_seed
 
 
 class ZoTarget:
     """The trainable parameters of a module, each under one canonical name.
 
-    A parameter shared by two modules (a tied embedding and head) gets one name, so both uses see
-    the same noise and the update touches it once.
+    The name keys the tensor's noise. A split part carries the whole model's names
+    (`module.model_names`, see `hosl.models.split`), so every tensor's name is unique across
+    the client and the server, and equal to its name in the unsplit model. A parameter shared by
+    two modules (a tied embedding and head) gets one name, so both uses see the same noise and
+    the update touches it once.
     """
 
-    def __init__(self, module: nn.Module, prefix: str = "") -> None:
+    def __init__(self, module: nn.Module) -> None:
         self.module = module
+        model_names: dict[str, str] = getattr(module, "model_names", {})
         # named_parameters() de-duplicates shared tensors: the first name is the canonical one.
         self.named: list[tuple[str, nn.Parameter]] = [
-            (prefix + name, p) for name, p in module.named_parameters() if p.requires_grad
+            (model_names.get(name, name), p)
+            for name, p in module.named_parameters()
+            if p.requires_grad
         ]
         self._name_of = {id(p): name for name, p in self.named}
         # Names of embedding matrices (also when a head shares them): their noise is row-wise.
@@ -52,8 +68,13 @@ class ZoTarget:
         }
 
     def noise(self, name: str, param: torch.Tensor, seed: int) -> torch.Tensor:
-        """The whole z of one named tensor under `seed`."""
-        return noise_for(param, seed, name, row_wise=name in self.row_wise)
+        """The whole z of one named tensor under `seed` (float32)."""
+        return noise_for(param, seed, name)
+
+    @property
+    def low_precision(self) -> bool:
+        """True when some parameter is stored below float32: forwards then compute in float32."""
+        return any(p.dtype != torch.float32 for _, p in self.named)
 
     def __len__(self) -> int:
         return len(self.named)
@@ -74,8 +95,17 @@ class ZoTarget:
 
 
 @contextmanager
-def PerturbedForward(target: ZoTarget, seed: int, scale: float) -> Iterator[None]:  # noqa: N802
-    """While active, every forward through `target.module` sees θ + scale·z(seed) for its params."""
+def PerturbedForward(  # noqa: N802
+    target: ZoTarget, seed: int | None, scale: float = 0.0
+) -> Iterator[None]:
+    """While active, every forward through `target.module` sees θ + scale·z(seed), in float32.
+
+    With `seed=None` nothing is perturbed: the forward only computes in float32 (a no-op for a
+    float32 target).
+    """
+    if seed is None and not target.low_precision:
+        yield
+        return
     handles = []
     for module, owned in target.owners():
         if _looks_up_rows(module, owned, target):
@@ -87,8 +117,10 @@ def PerturbedForward(target: ZoTarget, seed: int, scale: float) -> Iterator[None
             for attr, name in owned:
                 param = mod._parameters[attr]
                 stash[attr] = param
-                # one new tensor: z, scaled and shifted in place into θ + scale·z
-                perturbed = target.noise(name, param, seed).mul_(scale).add_(param.detach())
+                if seed is None:
+                    perturbed = param.detach().float()
+                else:  # one new float32 tensor: z, scaled and shifted in place into θ + scale·z
+                    perturbed = noise_for(param, seed, name).mul_(scale).add_(param.detach())
                 mod._parameters[attr] = perturbed  # a plain tensor, only for this call
 
         def swap_out(mod: nn.Module, _args: object, _out: object, owned=owned, stash=stash) -> None:
@@ -114,21 +146,18 @@ def _looks_up_rows(module: nn.Module, owned: list[tuple[str, str]], target: ZoTa
     )
 
 
-def _add_row_noise(name: str, seed: int, scale: float):  # noqa: ANN202
+def _add_row_noise(name: str, seed: int | None, scale: float):  # noqa: ANN202
     """Forward hook: (θ + scale·z)[ids] computed as θ[ids] + scale·z[ids], z drawn for ids only."""
 
     def hook(mod: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        if seed is None:
+            return out.float()                                       # (B, L, d)
         ids = args[0]                                                # (B, L) token ids
         rows, where = torch.unique(ids, return_inverse=True)         # (U,), (B, L)
-        z = row_noise(mod.weight, seed, name, rows).mul_(scale)      # (U, d)
-        return out + z[where]                                        # (B, L, d)
+        z = row_noise(mod.weight, seed, name, rows).mul_(scale)      # (U, d) float32
+        return z[where].add_(out)                                    # (B, L, d) float32
 
     return hook
-
-
-def projected_gradient(loss_plus: float, loss_minus: float, eps: float) -> float:
-    """Central difference along z: g = (L(θ+εz) − L(θ−εz)) / 2ε."""
-    return (loss_plus - loss_minus) / (2.0 * eps)
 
 
 @torch.no_grad()
@@ -141,19 +170,53 @@ def apply_zo_update_(
     """θ −= lr · (Σ_i c_i · z_i + wd · θ), z_i regenerated from seed_i one tensor at a time.
 
     `c_i` is the projected gradient already divided by the number of estimates it is averaged over
-    (Q pairs times accumulated micro-batches), so this equals SGD on ĝ = Σ_i c_i z_i.
+    (Q pairs times accumulated micro-batches), so this equals SGD on ĝ = Σ_i c_i z_i. A bf16
+    tensor is updated in float32 and stochastically rounded back (see the module docstring).
     """
+    if not seeds_and_coefs:
+        return
+    round_seed = tensor_seed(seeds_and_coefs[0][0], "stochastic rounding")
     for name, param in target.named:
-        if weight_decay:
-            param.mul_(1.0 - lr * weight_decay)
-        if name in target.row_wise:
-            # (chunk, d) of noise at a time instead of (V, d)
-            chunk = max(1, ROW_CHUNK_ELEMENTS // max(1, param[0].numel()))
-            for start in range(0, param.shape[0], chunk):
-                rows = range(start, min(start + chunk, param.shape[0]))
-                block = param[start:rows.stop]
-                for seed, coef in seeds_and_coefs:
-                    block.add_(row_noise(param, seed, name, rows), alpha=-lr * coef)
-            continue
-        for seed, coef in seeds_and_coefs:
-            param.add_(noise_for(param, seed, name), alpha=-lr * coef)
+        rows = param.shape[0] if param.dim() else 1
+        width = param[0].numel() if param.dim() else 1
+        exact = param.dtype == torch.float32
+        # Embedding matrices (and every bf16 tensor, which needs a float32 working copy) are
+        # walked in chunks of rows: (chunk, d) of noise at a time instead of (V, d).
+        chunked = name in target.row_wise or not exact
+        chunk = max(1, ROW_CHUNK_ELEMENTS // max(1, width)) if chunked else rows
+        for start in range(0, rows, chunk):
+            span = range(start, min(start + chunk, rows))
+            block = param[span.start : span.stop] if param.dim() else param
+            work = block if exact else block.float()
+            if weight_decay:
+                work.mul_(1.0 - lr * weight_decay)
+            for seed, coef in seeds_and_coefs:
+                work.add_(_noise_rows(param, seed, name, span, chunk == rows), alpha=-lr * coef)
+            if not exact:
+                dither = _noise_rows(param, round_seed, name, span, chunk == rows)
+                block.copy_(_stochastic_round(work, dither, block.dtype))
+
+
+def _noise_rows(
+    param: torch.Tensor, seed: int, name: str, rows: range, whole: bool
+) -> torch.Tensor:
+    """z of `rows` of `param` (all of it when `whole`), float32, shaped like those rows."""
+    if whole:
+        return noise_for(param, seed, name)
+    return row_noise(param, seed, name, rows)  # rows of z viewed as (rows, *param.shape[1:])
+
+
+def _stochastic_round(x: torch.Tensor, dither: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x (float32) rounded to `dtype` (bf16) up or down with probability by proximity.
+
+    bf16 is float32 with the low 16 bits of the pattern dropped. Adding a uniform integer in
+    [0, 2¹⁶) to those bits before dropping them rounds the magnitude up with probability equal
+    to the dropped fraction, so E[round(x)] = x. The uniform comes from a Gaussian through its
+    own CDF (Φ(z) is uniform), so the dither is a pure function of (seed, name, element).
+    """
+    if dtype != torch.bfloat16:
+        return x.to(dtype)
+    uniform = torch.special.ndtr(dither).mul_(65536.0).clamp_(0.0, 65535.0)  # [0, 2¹⁶)
+    bits = x.contiguous().view(torch.int32)
+    bits.add_(uniform.to(torch.int32)).bitwise_and_(-65536)  # drop the low 16 bits
+    return bits.view(torch.float32).to(dtype)  # exact: the low bits are zero
