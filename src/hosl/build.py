@@ -14,6 +14,7 @@ from hosl.algos.split_modes import SPLIT_STEPS, SplitRunner
 from hosl.batching import Batch
 from hosl.config import TrainConfig
 from hosl.dtypes import DTYPES
+from hosl.master_weights import MasterWeights
 from hosl.models.split import split_model, unsplit_model
 from hosl.optim import build_optimizer, build_scheduler, lr_factor
 from hosl.parties.client import ClientParty
@@ -66,14 +67,22 @@ class Run:
             self.server.load_state_dict(state["server"])
 
 
-def _fo_optimizer(cfg: TrainConfig, params: Any) -> tuple[Any, Any]:
-    opt = build_optimizer(
-        params,
-        cfg.optim.optimizer,
-        cfg.optim.lr,
-        momentum=cfg.optim.momentum,
-        weight_decay=cfg.optim.weight_decay,
-    )
+def fo_optimizer(cfg: TrainConfig, params: Any) -> tuple[Any, Any]:
+    """The FO optimizer and schedule of `cfg` over `params`; float32 master weights (see
+    `hosl.master_weights`) when the parameters are stored in bf16."""
+    params = [p for p in params if p.requires_grad]
+
+    def make(tensors: list) -> torch.optim.Optimizer:
+        return build_optimizer(
+            tensors,
+            cfg.optim.optimizer,
+            cfg.optim.lr,
+            momentum=cfg.optim.momentum,
+            weight_decay=cfg.optim.weight_decay,
+        )
+
+    low_precision = any(p.dtype != torch.float32 for p in params)
+    opt = MasterWeights(params, make) if low_precision else make(params)
     return opt, build_scheduler(opt, cfg.steps, cfg.optim.schedule)
 
 
@@ -88,7 +97,7 @@ def build_run(
     if cfg.mode in FULL_STEPS:
         part = unsplit_model(model)
         opt, sched = (
-            _fo_optimizer(cfg, part.parameters()) if cfg.mode == "fo-full" else (None, None)
+            fo_optimizer(cfg, part.parameters()) if cfg.mode == "fo-full" else (None, None)
         )
         runner = FullRunner(
             part=part,
@@ -104,23 +113,21 @@ def build_run(
 
     client_part, server_part = split_model(model, cfg.model.split_layer)
     client_opt, client_sched = (
-        _fo_optimizer(cfg, client_part.parameters()) if cfg.mode == "fo" else (None, None)
+        fo_optimizer(cfg, client_part.parameters()) if cfg.mode == "fo" else (None, None)
     )
     # A streaming transport sends each perturbed activation as its forward pass ends.
     client = ClientParty(client_part, client_opt, client_sched, lazy_pairs=transport is not None)
     server = None
     if transport is None:
         server_opt, server_sched = (
-            _fo_optimizer(cfg, server_part.parameters())
+            fo_optimizer(cfg, server_part.parameters())
             if cfg.mode in ("hosl", "fo")
             else (None, None)
         )
         server = ServerParty(server_part, server_opt, server_sched, grad_accum=cfg.grad_accum)
-        dtype = DTYPES[cfg.model.dtype]
-        transport = LocalTransport(
-            server, wire_dtype=DTYPES[cfg.wire_dtype], client_dtype=dtype, server_dtype=dtype,
-            client=client,
-        )
+        # Both parties take what they receive in float32: a ZO party computes in float32 whatever
+        # its parameters' dtype, and an FO party casts to its own dtype where it needs to.
+        transport = LocalTransport(server, wire_dtype=DTYPES[cfg.wire_dtype], client=client)
     runner = SplitRunner(
         client=client,
         transport=transport,

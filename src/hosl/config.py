@@ -219,6 +219,11 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.model.dtype in DTYPES, f"model.dtype must be one of {', '.join(DTYPES)} "
                                    f"(or bf16, fp16, fp32), got {cfg.model.dtype!r}"),
         (cfg.wire_dtype in DTYPES, f"wire_dtype must be one of {', '.join(DTYPES)}"),
+        (
+            cfg.model.dtype != "float16",
+            "model.dtype float16 is not supported: its 5-bit exponent overflows in training "
+            "(AdamW gives NaN in one step); use bfloat16 for half the memory, or float32",
+        ),
         (cfg.data.max_length >= 2, "data.max_length must be >= 2"),
         (cfg.data.padding_side in ("left", "right"), "data.padding_side must be left or right"),
         (

@@ -7,6 +7,7 @@ any difference from `fo`/`zo` is the split's doing.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,7 @@ from hosl.models.split import UnsplitPart
 from hosl.parties.state import PartyState
 from hosl.scoring import candidate_scores, classification_loss
 from hosl.zo import (
+    PerturbedForward,
     ZoRecords,
     ZoTarget,
     apply_zo_update_,
@@ -49,7 +51,9 @@ class FullRunner(PartyState):
 
     @torch.inference_mode()
     def scores(self, batch: Batch) -> torch.Tensor:
-        return self._scores(batch).float()
+        # zo-full computes in float32 whatever the parameters' dtype, as its estimates do
+        with PerturbedForward(self.zo, None) if self.optimizer is None else nullcontext():
+            return self._scores(batch).float()
 
 
 def fo_full_step(run: FullRunner, micro_batches: Sequence[Batch], step: int) -> float:

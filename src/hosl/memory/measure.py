@@ -81,6 +81,8 @@ def _state_tensors(
     if buffers:
         yield from module.buffers()
     if optimizer is not None:
+        # float32 master copies of bf16 parameters (hosl.master_weights) are optimizer state too
+        yield from getattr(optimizer, "master_weights", ())
         for state in optimizer.state.values():
             for value in state.values():
                 if isinstance(value, torch.Tensor):

@@ -90,7 +90,9 @@ class ClientParty(PartyState):
     def activations(self, batch: Batch, seed: int | None = None, scale: float = 0.0) -> Activations:
         """h = f_c(x) at θ_c, or at θ_c + scale·z(seed) when a seed is given."""
         if seed is None:
-            with self.phase("forward"):
+            # float32 whatever the parameters' dtype (see hosl.zo.engine): h is the base that
+            # every perturbed h is measured against
+            with self.phase("forward"), PerturbedForward(self.zo, None):
                 return self.part(batch.input_ids, batch.attention_mask)
         with self.phase("zo_estimate"), PerturbedForward(self.zo, seed, scale):
             return self.part(batch.input_ids, batch.attention_mask)

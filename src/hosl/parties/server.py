@@ -24,7 +24,14 @@ from hosl.protocol import (
     ZoStepRequest,
 )
 from hosl.scoring import candidate_scores, classification_loss
-from hosl.zo import ZoRecords, ZoTarget, apply_zo_update_, pair_losses, projected_gradient
+from hosl.zo import (
+    PerturbedForward,
+    ZoRecords,
+    ZoTarget,
+    apply_zo_update_,
+    pair_losses,
+    projected_gradient,
+)
 
 
 class ServerParty(PartyState):
@@ -40,6 +47,7 @@ class ServerParty(PartyState):
         self.scheduler = scheduler
         self.grad_accum = grad_accum
         self.zo = ZoTarget(part)
+        self.dtype = next(part.parameters()).dtype  # parameters' storage (and FO compute) dtype
         self._zo_records: ZoRecords | None = None  # a ZO-ZO step's records until it ends
 
     def _scores(self, hidden: Tensor, batch: CutBatch) -> Tensor:
@@ -48,7 +56,8 @@ class ServerParty(PartyState):
 
     @torch.inference_mode()
     def _loss(self, hidden: Tensor, batch: CutBatch) -> float:
-        with self.phase("zo_losses"):
+        # float32 whatever the parameters' dtype: a ZO loss difference is ε-sized
+        with self.phase("zo_losses"), PerturbedForward(self.zo, None):
             return classification_loss(self._scores(hidden, batch), batch.spec.labels).item()
 
     def _backward(
@@ -56,7 +65,8 @@ class ServerParty(PartyState):
     ) -> tuple[float, Tensor | None]:
         """Forward with a graph, backward into .grad (scaled for accumulation)."""
         with self.phase("forward_backward"):
-            hidden = hidden.detach().requires_grad_(want_input_grad)
+            # the FO pass runs in the parameters' own dtype (float32 master weights in bf16 runs)
+            hidden = hidden.detach().to(self.dtype).requires_grad_(want_input_grad)
             loss = classification_loss(self._scores(hidden, batch), batch.spec.labels)
             (loss / self.grad_accum).backward()
             return loss.item(), hidden.grad
@@ -109,5 +119,5 @@ class ServerParty(PartyState):
 
     @torch.inference_mode()
     def evaluate(self, req: EvalRequest) -> EvalReply:
-        with self.phase("eval"):
+        with self.phase("eval"), PerturbedForward(self.zo, None):  # as the ZO losses: float32
             return EvalReply(scores=self._scores(req.hidden, req.batch).float())

@@ -76,7 +76,8 @@ class ServerState:
 
     @property
     def compute_dtype(self) -> torch.dtype:
-        return DTYPES[self.identity.dtype]
+        # float32 whatever the model's dtype: the party casts where it computes in bf16
+        return torch.float32
 
 
 def server_memory_extra(party: Any) -> dict[str, Any]:

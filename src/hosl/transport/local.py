@@ -35,15 +35,11 @@ class LocalTransport:
         self,
         server: ServerParty,
         wire_dtype: torch.dtype = torch.float32,
-        client_dtype: torch.dtype = torch.float32,
-        server_dtype: torch.dtype = torch.float32,
         client: PartyState | None = None,
     ) -> None:
         self.server = server
         self.client = client  # only to meter what the client decodes
         self.wire_dtype = wire_dtype
-        self.client_dtype = client_dtype
-        self.server_dtype = server_dtype
         self.stats = WireStats()
 
     def _call(self, handler: Callable[[Any], Any], request: Any) -> Any:
@@ -51,13 +47,13 @@ class LocalTransport:
         # What the server decodes is the server's memory: it is counted in its "receive" phase
         # and stays counted while the handler holds it.
         with self.server.phase("receive"):
-            decoded = from_bytes(up, self.server_dtype)
+            decoded = from_bytes(up)  # float32: each party casts where it computes in bf16
         reply = handler(decoded)
         down = to_bytes(reply, self.wire_dtype)
         self.stats.record(isinstance(request, EvalRequest), len(up), len(down))
         # likewise the reply (e.g. the FO client's ∂L/∂h) is the client's memory
         with self.client.phase("receive") if self.client is not None else nullcontext():
-            return from_bytes(down, self.client_dtype)
+            return from_bytes(down)
 
     def hosl_step(self, req: HoslStepRequest) -> HoslStepReply:
         return self._call(self.server.hosl_step, req)
