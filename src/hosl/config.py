@@ -248,7 +248,10 @@ def check_split_layer(k: int, n_layers: int | None = None, model: str = "") -> i
             raise ConfigError(f"split_layer must be >= 0, got {k}")
     elif not 0 <= k <= n_layers:
         where = f" for {model}" if model else ""
-        raise ConfigError(f"split_layer must be between 0 and {n_layers}{where}, got {k}")
+        raise ConfigError(
+            f"split_layer must be between 0 and {n_layers}{where}, got {k}: choose an integer "
+            f"from 0 to {n_layers}"
+        )
     return k
 
 

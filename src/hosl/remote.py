@@ -88,7 +88,6 @@ def make_transport(cfg: TrainConfig, model: PreTrainedModel, opts: RemoteOptions
         opts.address,
         identity,
         wire_dtype=DTYPES[cfg.wire_dtype],
-        compute_dtype=DTYPES[cfg.model.dtype],
         token=opts.token,
         credentials=channel_credentials(opts.tls_ca, opts.tls),
         run_fingerprint=run_fingerprint(cfg),

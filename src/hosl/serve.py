@@ -27,13 +27,13 @@ from types import FrameType
 import grpc
 import torch
 
+from hosl.build import fo_optimizer
 from hosl.checkpoint import load_latest, save_checkpoint
 from hosl.config import TrainConfig, check_split_layer, dump_config
 from hosl.dtypes import DTYPES
 from hosl.errors import ConfigError
 from hosl.models.loading import load_pretrained
 from hosl.models.split import num_layers, split_model
-from hosl.optim import build_optimizer, build_scheduler
 from hosl.parties.server import ServerParty
 from hosl.rundir import check_empty, claim_dir, stamp
 from hosl.transport.framing import grpc_options
@@ -93,14 +93,7 @@ def build_server_party(cfg: TrainConfig) -> tuple[ServerParty, object, int]:
     gc.collect()
     optimizer = scheduler = None
     if cfg.mode in ("hosl", "fo"):
-        optimizer = build_optimizer(
-            server_part.parameters(),
-            cfg.optim.optimizer,
-            cfg.optim.lr,
-            momentum=cfg.optim.momentum,
-            weight_decay=cfg.optim.weight_decay,
-        )
-        scheduler = build_scheduler(optimizer, cfg.steps, cfg.optim.schedule)
+        optimizer, scheduler = fo_optimizer(cfg, server_part.parameters())
     party = ServerParty(server_part, optimizer, scheduler, grad_accum=cfg.grad_accum)
     return party, config, int(config.hidden_size)
 

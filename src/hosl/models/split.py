@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 from transformers import PretrainedConfig, PreTrainedModel
 
+from hosl.config import check_split_layer
 from hosl.errors import ConfigError, ModelLoadError
 from hosl.models.gpt2 import GPT2Adapter
 from hosl.models.llama import LlamaAdapter
@@ -230,19 +231,15 @@ class UnsplitPart(nn.Module):
 
 
 def _check_split_layer(config: PretrainedConfig, k: object) -> int:
-    n = int(config.num_hidden_layers)
+    """k as an int, range-checked by the one check hosl has (`hosl.config.check_split_layer`)."""
     try:
         if isinstance(k, bool):
             raise TypeError
         layer = operator.index(k)
     except TypeError:
-        layer = None
-    if layer is None or not 0 <= layer <= n:
-        raise ConfigError(
-            f"split layer {k!r} is not valid for this {config.model_type} model with {n} "
-            f"blocks: choose an integer from 0 to {n}"
-        )
-    return layer
+        n = int(config.num_hidden_layers)
+        raise ConfigError(f"split layer {k!r} is not an integer from 0 to {n}") from None
+    return check_split_layer(layer, int(config.num_hidden_layers), config.model_type)
 
 
 def split_model(model: PreTrainedModel, k: int) -> tuple[ClientPart, ServerPart]:
