@@ -26,7 +26,9 @@ from hosl.zo import ZoTarget, noise_for, perturbation_seed
 EPS = 1e-3
 
 
-def _cfg(mode: str, k: int = 2, q: int = 3, accum: int = 1, zo_lr: float = 0.02) -> TrainConfig:
+def _cfg(
+    mode: str, k: int = 2, q: int = 3, accum: int = 1, zo_lr: float = 0.02, wd: float = 0.0
+) -> TrainConfig:
     return TrainConfig(
         mode=mode,
         steps=4,
@@ -36,7 +38,7 @@ def _cfg(mode: str, k: int = 2, q: int = 3, accum: int = 1, zo_lr: float = 0.02)
         model=ModelConfig(name="tiny", split_layer=k),
         data=DataConfig(task="sst2"),
         zo=ZoConfig(q=q, eps=EPS, lr=zo_lr),
-        optim=OptimConfig(optimizer="sgd", lr=0.1),
+        optim=OptimConfig(optimizer="sgd", lr=0.1, weight_decay=wd),
     )
 
 
@@ -99,7 +101,7 @@ def _expected_zo_update(
     """θ after one ZO step on the names in `perturbed`, computed from scratch, and the losses.
 
     For each micro-batch m and pair q: z from the tensor's model name, L± from the HF model with
-    θ ± εz written into those tensors, g = (L⁺ − L⁻)/2ε; then θ −= lr·Σ g·z/(Q·A).
+    θ ± εz written into those tensors, g = (L⁺ − L⁻)/2ε; then θ −= lr·(Σ g·z/(Q·A) + wd·θ).
     """
     base = _all_params(model)
     tied_head = "lm_head.weight" in base and "lm_head.weight" not in dict(model.named_parameters())
@@ -123,7 +125,8 @@ def _expected_zo_update(
             g = (pair[0] - pair[1]) / (2 * EPS)
             for n in perturbed:
                 update[n] += g * z[n] / (q_count * accum)
-    return {n: base[n] - cfg.zo.lr * update[n] for n in perturbed}, losses
+    decay = cfg.optim.weight_decay
+    return {n: base[n] - cfg.zo.lr * (update[n] + decay * base[n]) for n in perturbed}, losses
 
 
 def _assert_same_update(got: torch.Tensor, want: torch.Tensor, name: str) -> None:
@@ -155,11 +158,11 @@ def _client_names(model, k: int) -> set[str]:
     return {name for name, _ in ZoTarget(client).named}
 
 
-@pytest.mark.parametrize("accum", [1, 2])
-def test_hosl_client_update_equals_the_update_written_out(tokenizer, accum) -> None:
+@pytest.mark.parametrize("accum,wd", [(1, 0.0), (2, 0.0), (1, 0.5)])
+def test_hosl_client_update_equals_the_update_written_out(tokenizer, accum, wd) -> None:
     model = tiny_llama(seed=4)
     reference = copy.deepcopy(model)
-    cfg = _cfg("hosl", accum=accum)
+    cfg = _cfg("hosl", accum=accum, wd=wd)
     run = build_run(cfg, model)
     recording = _Recording(run.runner.transport)
     run.runner.transport = recording
@@ -177,11 +180,13 @@ def test_hosl_client_update_equals_the_update_written_out(tokenizer, accum) -> N
         _assert_same_update(after[name] - before[name], expected[name] - before[name], name)
 
 
-@pytest.mark.parametrize("mode,accum", [("zo", 1), ("zo", 2), ("zo-full", 1), ("zo-full", 2)])
-def test_zo_updates_equal_the_update_written_out(tokenizer, mode, accum) -> None:
+@pytest.mark.parametrize(
+    "mode,accum,wd", [("zo", 1, 0.0), ("zo", 2, 0.5), ("zo-full", 1, 0.5), ("zo-full", 2, 0.0)]
+)
+def test_zo_updates_equal_the_update_written_out(tokenizer, mode, accum, wd) -> None:
     model = tiny_llama(seed=4)
     reference = copy.deepcopy(model)
-    cfg = _cfg(mode, accum=accum)
+    cfg = _cfg(mode, accum=accum, wd=wd)
     run = build_run(cfg, model)
     batches = _batches(tokenizer, 0, accum)
     names = {name for name, _ in reference.named_parameters()}  # every tensor, once
