@@ -63,14 +63,11 @@ def test_a_bf16_zo_update_lands_in_expectation(lr) -> None:
     assert changed > 0.001  # round-to-nearest changes almost none at lr 1e-6
 
 
-def test_bf16_zo_estimates_agree_with_float32(tokenizer) -> None:
-    """g of a bf16 client and server over a bf16 wire, against float32 throughout."""
+def _estimates(tokenizer, runs) -> dict[str, torch.Tensor]:
+    """g of 8 seeds for each (name, cfg, model dtype), through the run's own transport."""
     batch = collate(sentiment_examples(8, seed=3), tokenizer, 16)
     grads = {}
-    for name, cfg, dtype in (
-        ("fp32", _cfg("hosl", q=8), torch.float32),
-        ("bf16", _bf16(_cfg("hosl", q=8)), torch.bfloat16),
-    ):
+    for name, cfg, dtype in runs:
         run = build_run(cfg, tiny_llama(seed=3).to(dtype))
         seeds = run.runner.seeds(0, 0)
         clean = run.client.activations(batch)
@@ -81,6 +78,27 @@ def test_bf16_zo_estimates_agree_with_float32(tokenizer) -> None:
         ))
         plus, minus = reply.losses[::2], reply.losses[1::2]
         grads[name] = torch.tensor([(a - b) / 2e-3 for a, b in zip(plus, minus)])
+    return grads
+
+
+def test_a_bf16_wire_keeps_the_zo_signal(tokenizer) -> None:
+    """Differences on the wire: bf16 rounds h± − h relative to its own ε-sized scale."""
+    cfg = _cfg("hosl", q=8)
+    grads = _estimates(tokenizer, [
+        ("fp32", cfg, torch.float32),
+        ("bf16", dataclasses.replace(cfg, wire_dtype="bfloat16"), torch.float32),
+    ])
+    error = ((grads["bf16"] - grads["fp32"]).abs() / grads["fp32"].abs()).median()
+    assert torch.sign(grads["fp32"]).eq(torch.sign(grads["bf16"])).all(), grads
+    assert error < 0.02, grads
+
+
+def test_bf16_zo_estimates_agree_with_float32(tokenizer) -> None:
+    """g of a bf16 client and server over a bf16 wire, against float32 throughout."""
+    grads = _estimates(tokenizer, [
+        ("fp32", _cfg("hosl", q=8), torch.float32),
+        ("bf16", _bf16(_cfg("hosl", q=8)), torch.bfloat16),
+    ])
     assert torch.sign(grads["fp32"]).eq(torch.sign(grads["bf16"])).all(), grads
     corr = torch.corrcoef(torch.stack([grads["fp32"], grads["bf16"]]))[0, 1]
     assert corr > 0.95, grads

@@ -11,7 +11,14 @@ from conftest import tiny_llama
 from hosl.batching import ScoreSpec
 from hosl.transport.codec import CodecError, Limits, decode, encode
 from hosl.transport.framing import Reassembler, read_frames, to_messages
-from hosl.transport.handshake import Identity, config_hash, identity_for, mismatches, model_name
+from hosl.transport.handshake import (
+    PROTOCOL_VERSION,
+    Identity,
+    config_hash,
+    identity_for,
+    mismatches,
+    model_name,
+)
 from hosl.transport.messages import CutBatch, HoslStepRequest, ZoStepRequest, from_bytes, to_bytes
 from hosl.transport.streaming import open_request, request_frames
 
@@ -123,7 +130,7 @@ def test_a_part_of_the_wrong_shape_or_order_is_refused() -> None:
     swapped = iter([frames[1], frames[0], *frames[2:]])
     with pytest.raises(CodecError, match="expected part 0"):
         open_request(head, swapped.__next__, torch.float32, hidden_size=8)
-    zo = ZoStepRequest(0, 0, True, 1e-3, 1e-3, [1], req.batch, [])
+    zo = ZoStepRequest(0, 0, True, 1e-3, 0.0, 1e-3, [1], req.batch, [])
     for count in (9999, -1):  # more parts than any request may have; a negative count
         claimed = to_bytes(zo, torch.float32, {"@parts": count})
         with pytest.raises(CodecError, match="part count|parts exceed"):
@@ -169,7 +176,9 @@ def test_handshake_names_every_difference_with_both_values() -> None:
         server, identity_for("tiny-llama", other, 2, "hosl", "float32", 1)
     )
     old = Identity(**{**server.to_json(), "protocol": 0})
-    assert "protocol version differs: server 1, client 0" in mismatches(server, old)
+    assert f"protocol version differs: server {PROTOCOL_VERSION}, client 0" in mismatches(
+        server, old
+    )
 
 
 def test_config_hash_ignores_location_and_dtype_only() -> None:
