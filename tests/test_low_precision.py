@@ -21,7 +21,7 @@ from hosl.config import load_config
 from hosl.errors import ConfigError
 from hosl.master_weights import MasterWeights
 from hosl.protocol import HoslStepRequest
-from hosl.zo import ZoTarget, apply_zo_update_, noise_for
+from hosl.zo import PerturbedForward, ZoTarget, apply_zo_update_, noise_for
 from hosl.zo.engine import _stochastic_round
 from test_modes import _cfg, _fixed_batch_loss
 
@@ -150,6 +150,26 @@ def test_master_weights_keep_updates_that_bf16_rounds_away() -> None:
     again = MasterWeights(copy.deepcopy(low).parameters(), lambda ps: torch.optim.SGD(ps, lr=1e-5))
     again.load_state_dict(state)
     assert torch.equal(again.master_weights[0], masters.master_weights[0])
+
+
+def test_a_float32_forward_inside_a_perturbed_one_leaves_the_parameters_alone() -> None:
+    """The server's float32 loss runs inside a ZO-ZO perturbation: nested, neither context may
+    leave a perturbed or upcast tensor behind in place of a parameter."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 1)).to(torch.bfloat16)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    target = ZoTarget(model)
+    x = torch.randn(4, 8)
+    with torch.inference_mode():
+        with PerturbedForward(target, 5, 1e-2), PerturbedForward(target, None):
+            perturbed = model(x)
+        with PerturbedForward(target, None):
+            plain = model(x)
+    assert perturbed.dtype == plain.dtype == torch.float32
+    assert not torch.equal(perturbed, plain)
+    for name, param in model.named_parameters():
+        assert isinstance(param, torch.nn.Parameter) and torch.equal(param, before[name]), name
+    assert len(list(model.parameters())) == 4
 
 
 def test_float16_is_refused_with_one_line() -> None:

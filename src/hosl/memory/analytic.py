@@ -171,7 +171,7 @@ def _terms_bytes(terms: tuple[Term, ...], shapes: ModelShapes, tokens: int, leng
 
 
 def _plan(shapes: ModelShapes, table: ActivationTable, party: str, split_layer: int | None, *,
-          batch: int, length: int, act_bytes: int, positions: int, logits: str,
+          batch: int, length: int, act_bytes: int, param_bytes: int, positions: int, logits: str,
           boundary: tuple[int, int]) -> PartPlan:
     """Bytes of everything one party holds, before the role decides which of it is live when."""
     n_layers = shapes.n_layers
@@ -207,11 +207,11 @@ def _plan(shapes: ModelShapes, table: ActivationTable, party: str, split_layer: 
     return PartPlan(
         layers=layers,
         act_bytes=act_bytes,
-        embedding_params=[n * act_bytes for n in embedding_tensors],
-        layer_params=[n * act_bytes for n in shapes.layer_tensors],
-        head_params=[n * act_bytes for n in head_tensors],
+        embedding_params=[n * param_bytes for n in embedding_tensors],
+        layer_params=[n * param_bytes for n in shapes.layer_tensors],
+        head_params=[n * param_bytes for n in head_tensors],
         tied_in_party=has_embedding and has_head and shapes.tied,
-        embedding_vocab_bytes=shapes.vocab * shapes.embed_dim * act_bytes,
+        embedding_vocab_bytes=shapes.vocab * shapes.embed_dim * param_bytes,
         hidden=hidden,
         layer_stored=nbytes(table.layer_stored),
         layer_work=largest(table.forward_work),
@@ -224,10 +224,12 @@ def _plan(shapes: ModelShapes, table: ActivationTable, party: str, split_layer: 
         # Logits in the activation dtype plus the float32 log-softmax the loss is taken from.
         scores=scored * (act_bytes + 4) if has_head else 0,
         score_grads=scored * 8 if has_head else 0,
-        boundary_forward=boundary[0] * hidden,
-        boundary=boundary[1] * hidden,
+        # what crosses the cut is decoded in float32 whatever the model's dtype
+        boundary_forward=boundary[0] * tokens * shapes.hidden * 4,
+        boundary=boundary[1] * tokens * shapes.hidden * 4,
         row_wise_embedding=row_wise,
         row_noise=row_noise,
+        param_bytes=param_bytes,
     )
 
 
@@ -275,15 +277,17 @@ def estimate(
             )
     else:
         split_layer = None
-    act_bytes = DTYPE_BYTES[dtype]
+    param_bytes = DTYPE_BYTES[dtype]
     parties: dict[str, PartyEstimate] = {}
     for party, role in roles.items():
+        # A ZO party computes in float32 whatever its parameters' dtype (hosl.zo.engine).
+        act_bytes = 4 if role == "zo" else param_bytes
         copies = _default_boundary_copies(mode, party, q)
         if boundary_copies is not None and party != "model":
             copies = (boundary_copies, boundary_copies)
         plan = _plan(
             shapes, table, party, split_layer, batch=batch, length=length, act_bytes=act_bytes,
-            positions=positions, logits=logits, boundary=copies,
+            param_bytes=param_bytes, positions=positions, logits=logits, boundary=copies,
         )
         state_per_param = OPTIMIZER_STATES[optimizer] if role == "fo" else 0
         evaluates = mode == "hosl" and party == "server"

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from hosl.zo.engine import LOW_PRECISION_CHUNK_ELEMENTS, LOW_PRECISION_UPDATE_COPIES
+
 
 @dataclass(frozen=True)
 class PartPlan:
     """Bytes of one party's part of the model at one batch shape and dtype."""
 
     layers: int  # decoder blocks this party owns
-    act_bytes: int
+    act_bytes: int  # bytes per activation element (float32 for a ZO party whatever its storage)
     embedding_params: list[int]  # bytes per tensor; empty when the party has no input side
     layer_params: list[int]  # bytes per tensor of one block
     head_params: list[int]  # bytes per tensor; empty when the party has no output side
@@ -39,6 +41,7 @@ class PartPlan:
     # rows (update) exist at a time, never a (V, E) noise tensor.
     row_wise_embedding: bool = False
     row_noise: int = 0  # the larger of those two, in bytes
+    param_bytes: int = 4  # bytes per parameter element as stored (2 for bf16)
 
     @property
     def has_embedding(self) -> bool:
@@ -65,10 +68,12 @@ class PartPlan:
 
     @property
     def largest_noise(self) -> int:
-        """The most ZO noise alive at once: one whole tensor's z, or the embedding's rows."""
+        """The most ZO noise alive at once: one whole tensor's z, or the embedding's rows.
+
+        Noise is float32 whatever the parameters' dtype (and so is a perturbed bf16 tensor)."""
         whole = self.embedding_params[1:] if self.row_wise_embedding else self.embedding_params
         whole = whole + self.head_params + (self.layer_params if self.layers else [])
-        return max([*whole, self.row_noise])
+        return max([*(t * 4 // self.param_bytes for t in whole), self.row_noise])
 
     @property
     def stored(self) -> int:
@@ -149,14 +154,19 @@ def party_phases(
     """Components and phase peaks of a party with `role` in {"fo", "zo", "inference"}.
 
     `state_per_param` is the optimizer's state tensors per parameter (FO roles only);
-    `evaluates` adds the forward-only evaluation phase of the HOSL server.
+    `evaluates` adds the forward-only evaluation phase of the HOSL server. Parameters stored
+    below float32 (bf16) mean float32 master weights and state for an FO role
+    (`hosl.master_weights`), and float32 compute on use for a ZO role (`hosl.zo.engine`).
     """
     params = plan.parameters
     fo = role == "fo"
+    widen = 4 // plan.param_bytes  # a float32 copy of a parameter, in units of its storage
+    masters = fo and widen > 1
+    state = (1 + state_per_param) * widen * params if masters else state_per_param * params
     components = {
         "parameters": params,
         "gradients": params if fo else 0,
-        "optimizer_state": state_per_param * params if fo else 0,
+        "optimizer_state": state if fo else 0,
         "stored_activations": plan.stored if fo else 0,
         "transient": _transient(plan),
         "perturbation": plan.largest_noise if role == "zo" else 0,
@@ -171,12 +181,20 @@ def party_phases(
         # PyTorch's single-tensor AdamW builds its denominator sqrt(v) / c + eps out of place:
         # two temporaries of the tensor being updated are live for a moment.
         step_temporary = 2 * plan.largest_tensor if state_per_param == 2 else 0
-        phases["update"] = resident + plan.boundary + params + step_temporary
+        # with master weights the step holds the gradients' float32 copies instead
+        phases["update"] = resident + plan.boundary + widen * (params + step_temporary)
         if evaluates:
             phases["eval"] = resident + plan.boundary + _forward_only_extra(plan)
     else:
+        # (a bf16 ZO party's float32 copy of one module's parameters is gone before that
+        # module's activations peak: measured, it adds nothing to the phase)
         phases["forward"] = resident + plan.boundary_forward + _forward_only_extra(plan)
         if role == "zo":
-            # One perturbed or noise tensor at a time (the embedding's: rows of it).
-            phases["perturb"] = resident + plan.boundary + plan.largest_noise
+            # One perturbed or noise tensor at a time (the embedding's: rows of it). A bf16
+            # update holds a few float32 copies of the chunk of rows it works on (measured).
+            noise = plan.largest_noise
+            if widen > 1:
+                chunk = min(noise, 4 * LOW_PRECISION_CHUNK_ELEMENTS)
+                noise = max(noise, LOW_PRECISION_UPDATE_COPIES * chunk)
+            phases["perturb"] = resident + plan.boundary + noise
     return components, phases

@@ -116,6 +116,8 @@ def PerturbedForward(  # noqa: N802
         def swap_in(mod: nn.Module, _args: object, owned=owned, stash=stash) -> None:
             for attr, name in owned:
                 param = mod._parameters[attr]
+                if not isinstance(param, nn.Parameter):
+                    continue  # an enclosing PerturbedForward already swapped it in
                 stash[attr] = param
                 if seed is None:
                     perturbed = param.detach().float()
@@ -125,7 +127,8 @@ def PerturbedForward(  # noqa: N802
 
         def swap_out(mod: nn.Module, _args: object, _out: object, owned=owned, stash=stash) -> None:
             for attr, _ in owned:
-                mod._parameters[attr] = stash.pop(attr)
+                if attr in stash:
+                    mod._parameters[attr] = stash.pop(attr)
 
         handles.append(module.register_forward_pre_hook(swap_in))
         handles.append(module.register_forward_hook(swap_out, always_call=True))
@@ -160,6 +163,12 @@ def _add_row_noise(name: str, seed: int | None, scale: float):  # noqa: ANN202
     return hook
 
 
+# A bf16 tensor's update holds about six float32 copies of the rows it works on (the working
+# copy, noise, the rounding dither and its temporaries): smaller chunks keep that to ~3 MB.
+LOW_PRECISION_CHUNK_ELEMENTS = ROW_CHUNK_ELEMENTS // 8
+LOW_PRECISION_UPDATE_COPIES = 6
+
+
 @torch.no_grad()
 def apply_zo_update_(
     target: ZoTarget,
@@ -183,7 +192,8 @@ def apply_zo_update_(
         # Embedding matrices (and every bf16 tensor, which needs a float32 working copy) are
         # walked in chunks of rows: (chunk, d) of noise at a time instead of (V, d).
         chunked = name in target.row_wise or not exact
-        chunk = max(1, ROW_CHUNK_ELEMENTS // max(1, width)) if chunked else rows
+        limit = ROW_CHUNK_ELEMENTS if exact else LOW_PRECISION_CHUNK_ELEMENTS
+        chunk = max(1, limit // max(1, width)) if chunked else rows
         for start in range(0, rows, chunk):
             span = range(start, min(start + chunk, rows))
             block = param[span.start : span.stop] if param.dim() else param
@@ -216,7 +226,8 @@ def _stochastic_round(x: torch.Tensor, dither: torch.Tensor, dtype: torch.dtype)
     """
     if dtype != torch.bfloat16:
         return x.to(dtype)
-    uniform = torch.special.ndtr(dither).mul_(65536.0).clamp_(0.0, 65535.0)  # [0, 2¹⁶)
+    # in place: with x and the dither, one int32 temporary is all the rounding adds
+    uniform = torch.special.ndtr(dither, out=dither).mul_(65536.0).clamp_(0.0, 65535.0)
     bits = x.contiguous().view(torch.int32)
     bits.add_(uniform.to(torch.int32)).bitwise_and_(-65536)  # drop the low 16 bits
     return bits.view(torch.float32).to(dtype)  # exact: the low bits are zero
