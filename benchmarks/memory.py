@@ -30,14 +30,13 @@ import datetime
 import gc
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-import transformers
+from machine_info import machine
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from hosl.batching import Batch, random_batch
@@ -266,15 +265,6 @@ def summary_line(measured: dict[str, Any]) -> str:
 
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def machine() -> dict[str, Any]:
-    return {
-        "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(), "gpu": "none (CPU only)",
-        "python": platform.python_version(), "torch": torch.__version__,
-        "transformers": transformers.__version__, "platform": platform.platform(),
-    }
 
 
 def split_sweep() -> list[dict[str, Any]]:

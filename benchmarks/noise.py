@@ -13,11 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
 import torch
+from machine_info import machine
 
 from hosl.zo.seeds import noise_for, row_noise, tensor_seed
 
@@ -34,19 +34,6 @@ def old_row_noise(param: torch.Tensor, seed: int, name: str, rows: torch.Tensor)
         gen.manual_seed((base + row * stride) & mask63)
         torch.randn(param.shape[1:], generator=gen, out=out[i])
     return out
-
-
-def machine() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
-            "python": platform.python_version(), "threads": torch.get_num_threads()}
 
 
 def main() -> None:

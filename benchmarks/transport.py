@@ -23,8 +23,6 @@ import argparse
 import copy
 import json
 import logging
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -36,6 +34,7 @@ from pathlib import Path
 
 import grpc
 import torch
+from machine_info import machine
 
 from hosl.batching import Batch, random_batch
 from hosl.build import build_run
@@ -235,26 +234,6 @@ def transport_cost(qs: list[int], reps: int) -> list[dict]:
     return rows
 
 
-def machine() -> dict:
-    cpu = platform.processor()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "gpu": None,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "grpcio": grpc.__version__,
-        "platform": platform.platform(),
-    }
-
-
 # Fields of earlier results that are no longer reported: whole-step timings of the gRPC runs and
 # the comparison of whole steps across runs.
 WHOLE_STEP_FIELDS = ("seconds_per_step", "step_seconds", "overhead_vs_in_process")
@@ -393,7 +372,7 @@ def main() -> None:
     result = {
         "command": command.strip(),
         "whole_steps_command": whole_steps_command,
-        "machine": machine(),
+        "machine": machine(grpcio=grpc.__version__),
         "setup": {
             "model": args.model,
             "batch": BATCH,

@@ -37,7 +37,6 @@ import datetime
 import gc
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -45,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import transformers
+from machine_info import machine
 
 from hosl.algos.split_modes import cut
 from hosl.batching import Batch, collate
@@ -63,21 +62,6 @@ TARGET_SIGN, TARGET_MEDIAN = 0.99, 0.02
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def machine() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {
-        "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "gpu": None, "python": platform.python_version(), "torch": torch.__version__,
-        "transformers": transformers.__version__, "platform": platform.platform(),
-    }
 
 
 def make_run(model: torch.nn.Module, wire: str, dtype: str = "float32", q: int = 50) -> Run:
