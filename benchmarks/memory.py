@@ -380,7 +380,7 @@ def _load_note(result: dict[str, Any]) -> str:
     if not loads:
         return ""
     return (f" (1-minute load average {loads['start']} at the start, {loads['end']} at the "
-            f"end, on {result['machine']['cpu_count']} cores)")
+            f"end, on {result['machine']['cores']} cores)")
 
 
 def _mib(value: int | None) -> str:
@@ -391,7 +391,7 @@ def write_markdown(result: dict[str, Any]) -> str:
     m = result["machine"]
     lines = [
         "# Per-party peak memory: HOSL vs FO-FO vs ZO-ZO split learning", "",
-        f"- Machine: {m['cpu_count']}-core CPU ({m['cpu']}), no GPU; torch {m['torch']}, "
+        f"- Machine: {m['cores']}-core CPU ({m['cpu']}), no GPU; torch {m['torch']}, "
         f"transformers {m['transformers']}, Python {m['python']}",
         f"- Date: {result['date']}; wall time {result['wall_seconds']} s; "
         f"process peak RSS {result['peak_rss_bytes'] / 2**30:.1f} GiB",

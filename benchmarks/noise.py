@@ -1,10 +1,11 @@
 """ZO noise generation speed: hosl's counter-based generator against torch.randn and the old
 one-seeded-generator-per-row method, on a (49152 × 576) float32 embedding (SmolLM2's).
 
-    python benchmarks/noise.py [--threads N] [--repeats R] [--out benchmarks/results]
+    python benchmarks/noise.py [--threads 1 2] [--repeats R] [--out benchmarks/results]
 
-Each figure is the minimum over `repeats` timed runs (interleaved, so load drifts hit every
-method alike). Writes noise.json and noise.md under --out when given, with the machine, the
+Each figure is the minimum over `repeats` timed runs, interleaved across methods and thread
+counts, so load drifts hit every cell alike. The default thread counts are 1 and this machine's
+torch default. Writes noise.json and noise.md under --out when given, with the machine, the
 thread count and the load average at the start and the end.
 """
 
@@ -38,11 +39,11 @@ def old_row_noise(param: torch.Tensor, seed: int, name: str, rows: torch.Tensor)
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    ap.add_argument("--threads", type=int, nargs="+", default=sorted({1, torch.get_num_threads()}),
+                    help="torch thread counts to measure (default: 1 and torch's default)")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
     param = torch.empty(1, 1).expand(VOCAB, DIM)  # only the shape is read
     rows = torch.randint(0, VOCAB, (ROWS,), generator=torch.Generator().manual_seed(0))
     cases = {
@@ -52,36 +53,43 @@ def main() -> None:
         "old per-row 1000 rows": lambda: old_row_noise(param, 1, NAME, rows),
     }
     load_start = os.getloadavg()
-    best = {name: float("inf") for name in cases}
+    best = {(name, t): float("inf") for t in args.threads for name in cases}
     for fn in cases.values():
         fn()  # warm up
     for _ in range(args.repeats):
-        for name, fn in cases.items():
+        for name, threads in best:
+            torch.set_num_threads(threads)
             start = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - start)
-    result = {
-        "machine": machine(),
-        "load_average_start": load_start,
-        "load_average_end": os.getloadavg(),
-        "repeats": args.repeats,
-        "shape": [VOCAB, DIM],
-        "rows": ROWS,
-        "seconds": best,
-        "ratios": {
-            "hosl whole / torch.randn whole": best["hosl whole"] / best["torch.randn whole"],
-            "old per-row / hosl, 1000 rows": best["old per-row 1000 rows"] / best["hosl 1000 rows"],
-        },
+            cases[name]()
+            best[name, threads] = min(best[name, threads], time.perf_counter() - start)
+    ms = {t: {name: best[name, t] * 1e3 for name in cases} for t in args.threads}
+    ratios = {
+        t: {
+            "hosl whole / torch.randn whole": ms[t]["hosl whole"] / ms[t]["torch.randn whole"],
+            "old per-row / hosl, 1000 rows":
+                ms[t]["old per-row 1000 rows"] / ms[t]["hosl 1000 rows"],
+        }
+        for t in args.threads
     }
-    lines = [f"| method | best of {args.repeats} (ms) |", "|---|---:|"]
-    lines += [f"| {name} | {sec * 1e3:.1f} |" for name, sec in best.items()]
-    lines += ["", "| ratio | value |", "|---|---:|"]
-    lines += [f"| {name} | {value:.2f} |" for name, value in result["ratios"].items()]
+    result = {
+        "machine": machine(), "load_average_start": load_start,
+        "load_average_end": os.getloadavg(), "repeats": args.repeats, "shape": [VOCAB, DIM],
+        "rows": ROWS, "milliseconds_by_threads": ms, "ratios_by_threads": ratios,
+    }
+    heads = " | ".join(f"{t} thread{'s' * (t > 1)}" for t in args.threads)
+    rule = "---:|" * len(args.threads)
+    lines = [f"| best of {args.repeats} (ms) | {heads} |", f"|---|{rule}"]
+    lines += [f"| {name} | " + " | ".join(f"{ms[t][name]:.1f}" for t in args.threads) + " |"
+              for name in cases]
+    lines += ["", f"| ratio | {heads} |", f"|---|{rule}"]
+    lines += [f"| {name} | " + " | ".join(f"{ratios[t][name]:.2f}" for t in args.threads) + " |"
+              for name in ratios[args.threads[0]]]
     m = result["machine"]
     header = (f"# ZO noise generation, ({VOCAB} × {DIM}) float32\n\n"
-              f"{m['cpu']}, {m['cores']} cores, "
-              f"torch {m['torch']}, {m['threads']} torch thread(s); load average "
-              f"{load_start[0]:.2f} at start, {result['load_average_end'][0]:.2f} at end.\n")
+              f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}; load average "
+              f"{load_start[0]:.2f} at start, {result['load_average_end'][0]:.2f} at end.\n"
+              f"Command: `python benchmarks/noise.py --repeats {args.repeats} --threads "
+              f"{' '.join(map(str, args.threads))}`.\n")
     table = "\n".join(lines)
     print(header + "\n" + table)
     if args.out:

@@ -61,9 +61,14 @@ ROW_CHUNK_ELEMENTS = 1 << 20
 # of the output (an int64 scratch word and two float32 words per pair): 1 MB on CPU, where larger
 # passes stopped paying; on CUDA larger passes mean fewer kernel launches.
 _PASS_ELEMENTS = {"cpu": 1 << 17, "cuda": 1 << 21}
-# Small tensors use passes of at most a quarter of their size, so the working set stays a small
-# fraction of the noise itself, but never passes smaller than this.
+# Whole tensors use passes of at most 1/32 of their size, so the working set stays a small fraction
+# of the noise itself, but never passes smaller than this.
 _MIN_PASS_ELEMENTS = 1 << 6
+_WHOLE_PASS_FRACTION = 32
+# Row subsets (the rows a batch looks up: a few MB) are made in passes up to this many times the
+# device's pass size, and no fraction rule: on CPU 1,000 rows of a 576-wide embedding are then one
+# pass, where ~30 small passes spent more time in per-operation overhead than in arithmetic.
+_ROW_PASS_SCALE = 1
 
 
 def _hash(*parts: object) -> int:
@@ -180,9 +185,15 @@ def _normals_(words: torch.Tensor, key2: int, scratch: _Scratch) -> None:
 
 
 def _pass_elements(numel: int, device: torch.device) -> int:
-    """Elements per pass: even, at most the device's pass size, at most ~a quarter of `numel`."""
+    """Elements per pass of a whole tensor: even, at most the device's pass size and numel / 32."""
     top = _PASS_ELEMENTS.get(device.type, _PASS_ELEMENTS["cuda"])
-    return max(_MIN_PASS_ELEMENTS, min(top, numel // 32)) & ~1
+    return max(_MIN_PASS_ELEMENTS, min(top, numel // _WHOLE_PASS_FRACTION)) & ~1
+
+
+def _row_pass_elements(numel: int, device: torch.device) -> int:
+    """Elements per pass of a row subset of `numel` elements: larger passes, no fraction rule."""
+    top = _PASS_ELEMENTS.get(device.type, _PASS_ELEMENTS["cuda"]) * _ROW_PASS_SCALE
+    return max(_MIN_PASS_ELEMENTS, min(top, numel))
 
 
 def _fill_flat_(out: torch.Tensor, key: int, key2: int) -> None:
@@ -207,7 +218,7 @@ def _fill_rows_(out: torch.Tensor, rows: torch.Tensor, width: int, key: int, key
     """out (contiguous float32, len(rows) × width) ← those rows of z viewed as (-1, width)."""
     if out.numel() == 0:
         return
-    step_rows = min(len(rows), max(1, _pass_elements(out.numel(), out.device) // width))
+    step_rows = min(len(rows), max(1, _row_pass_elements(out.numel(), out.device) // width))
     if width % 2 == 0:
         # every row starts at an even element: its pairs are r·width/2 + 0 … width/2 − 1, and
         # their normals land exactly on the row
