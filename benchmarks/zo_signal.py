@@ -9,7 +9,9 @@ g moves from its float32 value when something on the way is rounded:
 
 1. **Wire precision** (float32 model). g for the same seeds with a float32 wire (the reference)
    against a bf16 and a float16 wire, each with hosl's difference encoding (`perturbed` = h± − h,
-   `clean` = h), and with the old scheme in which h± themselves were rounded (emulated by sending
+   `clean` = h, which the codec keeps at float32 on any narrower wire), with a bf16 clean h as
+   well (the encoding before that rule; emulated by rounding both and sending them on a float32
+   wire), and with the old scheme in which h± themselves were rounded (emulated by sending
    `clean` = 0 and `perturbed` = h±, so the server rebuilds 0 + h±). Every variant sends one
    `HoslStepRequest` with all its seeds through `LocalTransport` (the real codec) and reads
    `reply.losses`; the client's deltas are computed once and sent through each wire, and every run
@@ -81,13 +83,18 @@ def client_side(run: Run, batch: Batch, n: int) -> tuple[Any, list[int], list[to
 
 
 def server_g(run: Run, batch: Batch, clean: Any, deltas: list[torch.Tensor], n: int,
-             old: bool = False) -> list[float]:
+             encoding: str = "diff") -> list[float]:
     """g of the first n seeds from one request through `run`'s transport.
 
-    old: emulate the scheme before difference encoding (h± themselves on the wire)."""
+    encoding "old": emulate the scheme before difference encoding (h± themselves on the wire);
+    "bf16 base": bf16 differences around a bf16 clean h (both rounded, sent on a float32 wire),
+    which a bf16 wire sent before its base was kept at float32."""
     perturbed = deltas[: 2 * n]
     base = clean.hidden
-    if old:
+    if encoding == "bf16 base":
+        perturbed = [d.to(torch.bfloat16).float() for d in perturbed]
+        base = base.to(torch.bfloat16).float()
+    if encoding == "old":
         perturbed = [base + d for d in perturbed]  # h± itself
         base = torch.zeros_like(base)               # the server rebuilds 0 + h±
     reply = run.transport.hosl_step(HoslStepRequest(
@@ -190,26 +197,27 @@ def measure(seeds_main: int, seeds_side: int) -> dict[str, Any]:
     log(f"float32 client: {2 * seeds_main} perturbed forwards in "
         f"{out['timings']['client_float32_s']} s")
     g: dict[str, list[float]] = {}
-    plan = [  # (key, wire, old scheme, seeds)
-        ("float32 (reference)", "float32", False, seeds_main),
-        ("bfloat16 difference", "bfloat16", False, seeds_main),
-        ("float16 difference", "float16", False, seeds_side),
-        ("bfloat16 old (h± rounded)", "bfloat16", True, seeds_side),
-        ("float16 old (h± rounded)", "float16", True, seeds_side),
+    plan = [  # (key, wire, encoding, seeds)
+        ("float32 (reference)", "float32", "diff", seeds_main),
+        ("bfloat16 difference", "bfloat16", "diff", seeds_main),
+        ("bfloat16 difference, bf16 clean (before)", "float32", "bf16 base", seeds_side),
+        ("float16 difference", "float16", "diff", seeds_side),
+        ("bfloat16 old (h± rounded)", "bfloat16", "old", seeds_side),
+        ("float16 old (h± rounded)", "float16", "old", seeds_side),
     ]
-    for key, wire, old, n in plan:
+    encodings = {"diff": "h± − h", "old": "h± (old)", "bf16 base": "h± − h, h in bf16"}
+    for key, wire, encoding, n in plan:
         t = time.perf_counter()
         run = ref_run if wire == "float32" else make_run(model, wire, q=seeds_main)
-        g[key] = server_g(run, batch, clean, deltas, n, old)
+        g[key] = server_g(run, batch, clean, deltas, n, encoding)
         out["timings"][key] = round(time.perf_counter() - t, 1)
         if run is not ref_run:
             del run
             gc.collect()
         log(f"{key}: {n} seeds in {out['timings'][key]} s")
     ref = g["float32 (reference)"]
-    for key, wire, old, _n in plan:
-        out["wires"][key] = {"wire": wire, "encoding": "h± (old)" if old else "h± − h",
-                             **compare(g[key], ref)}
+    for key, wire, encoding, _n in plan:
+        out["wires"][key] = {"wire": wire, "encoding": encodings[encoding], **compare(g[key], ref)}
     del ref_run, deltas, clean
     gc.collect()
 

@@ -82,7 +82,9 @@ def _estimates(tokenizer, runs) -> dict[str, torch.Tensor]:
 
 
 def test_a_bf16_wire_keeps_the_zo_signal(tokenizer) -> None:
-    """Differences on the wire: bf16 rounds h± − h relative to its own ε-sized scale."""
+    """Differences on the wire: bf16 rounds h± − h relative to its own ε-sized scale. (The clean
+    base stays float32 too, see test_transport_wire: on this tiny model a bf16 base costs little,
+    on the real one 2.4%, benchmarks/results/zo_signal.md.)"""
     cfg = _cfg("hosl", q=8)
     grads = _estimates(tokenizer, [
         ("fp32", cfg, torch.float32),
@@ -90,7 +92,7 @@ def test_a_bf16_wire_keeps_the_zo_signal(tokenizer) -> None:
     ])
     error = ((grads["bf16"] - grads["fp32"]).abs() / grads["fp32"].abs()).median()
     assert torch.sign(grads["fp32"]).eq(torch.sign(grads["bf16"])).all(), grads
-    assert error < 0.02, grads
+    assert error < 0.01, grads
 
 
 def test_bf16_zo_estimates_agree_with_float32(tokenizer) -> None:

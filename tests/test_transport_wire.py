@@ -111,14 +111,35 @@ def test_streamed_request_equals_the_whole_message(wire) -> None:
     assert torch.equal(got.batch.spec.tokens, req.batch.spec.tokens)
 
 
-def test_bf16_wire_halves_the_activation_bytes() -> None:
+def test_bf16_wire_halves_the_differences_and_keeps_the_clean_base() -> None:
     req = _request(q=4)
     f32 = len(to_bytes(req, torch.float32))
     bf16 = len(to_bytes(req, torch.bfloat16))
-    hidden = [*req.perturbed, req.clean]
-    activations = sum(h.numel() * 4 for h in hidden)
-    # half the activation bytes, give or take the header's dtype names and offsets
-    assert f32 - bf16 == pytest.approx(activations / 2, abs=2 * len(hidden))
+    differences = sum(h.numel() * 4 for h in req.perturbed)
+    # half the differences' bytes, give or take the header's dtype names and offsets; the clean h
+    # (the base the differences are added to) keeps its four bytes an element
+    assert f32 - bf16 == pytest.approx(differences / 2, abs=2 * (len(req.perturbed) + 1))
+    decoded = from_bytes(to_bytes(req, torch.bfloat16))
+    assert torch.equal(decoded.clean, req.clean)
+    assert all(torch.equal(got, sent.to(torch.bfloat16).float())
+               for got, sent in zip(decoded.perturbed, req.perturbed))
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_a_zo_zo_request_keeps_each_pairs_base_at_float32(streamed) -> None:
+    """ZO-ZO sends h⁺ and h⁻ − h⁺ per pair: h⁺ is the base, kept; the difference is rounded."""
+    req = _request(q=2)
+    zo = ZoStepRequest(0, 0, True, 1e-3, 0.0, 1e-3, [1, 2], req.batch, req.perturbed)
+    if streamed:
+        head, parts = request_frames(zo, torch.bfloat16)
+        frames = iter(list(parts))
+        got, _ = open_request(head, lambda: next(frames), torch.float32, hidden_size=8)
+    else:
+        got = from_bytes(to_bytes(zo, torch.bfloat16))
+    rounded = [h.to(torch.bfloat16).float() for h in zo.perturbed]
+    expected = [zo.perturbed[0], rounded[1], zo.perturbed[2], rounded[3]]
+    assert all(torch.equal(a, b) for a, b in zip(got.perturbed, expected, strict=True))
+    assert not torch.equal(rounded[0], zo.perturbed[0])  # bf16 would have changed the base
 
 
 def test_a_part_of_the_wrong_shape_or_order_is_refused() -> None:

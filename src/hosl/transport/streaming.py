@@ -24,6 +24,7 @@ from hosl.transport.messages import (
     FoStepRequest,
     HoslStepRequest,
     ZoStepRequest,
+    hidden_wire_dtype,
     message_from_parts,
     to_bytes,
 )
@@ -54,13 +55,16 @@ def request_frames(req: Any, wire_dtype: torch.dtype) -> tuple[bytes, Iterator[b
     count = len(eager) + (len(lazy) if lazy is not None else 0)
     head = to_bytes(dataclasses.replace(req, **placeholders), wire_dtype, {_PARTS_KEY: count})
 
+    kind = type(req).__name__
+
     def parts() -> Iterator[bytes]:
         index = 0
         for name in eager:
-            yield part_frame(index, getattr(req, name), wire_dtype)
+            dtype = hidden_wire_dtype(kind, name, None, wire_dtype)
+            yield part_frame(index, getattr(req, name), dtype)
             index += 1
-        for tensor in lazy if lazy is not None else ():
-            yield part_frame(index, tensor, wire_dtype)
+        for i, tensor in enumerate(lazy if lazy is not None else ()):
+            yield part_frame(index, tensor, hidden_wire_dtype(kind, LAZY_FIELD, i, wire_dtype))
             index += 1
 
     return head, parts()
