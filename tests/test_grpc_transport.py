@@ -12,6 +12,7 @@ from concurrent import futures
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -22,7 +23,7 @@ from hosl.batching import collate
 from hosl.build import Run, build_run
 from hosl.config import DataConfig, ModelConfig, OptimConfig, TrainConfig, ZoConfig
 from hosl.errors import HoslError
-from hosl.remote import RemoteOptions, make_transport
+from hosl.remote import RemoteOptions, make_transport, run_fingerprint
 from hosl.transport.codec import decode, encode
 from hosl.transport.framing import grpc_options
 from hosl.transport.grpc_client import _Stream
@@ -63,18 +64,23 @@ class Served:
 
 @contextmanager
 def serving(
-    cfg: TrainConfig, token: str | None = None, tls: tuple[str, str] | None = None
+    cfg: TrainConfig,
+    token: str | None = None,
+    tls: tuple[str, str] | None = None,
+    workers: int = 4,
+    **state_options: Any,
 ) -> Iterator[Served]:
-    """The server party of an in-process run, behind a real gRPC server on 127.0.0.1."""
+    """The server party of an in-process run, behind a real gRPC server on 127.0.0.1;
+    `state_options` go to its ServerState (timeouts, limits, model bounds)."""
     model = tiny_llama()
     party = build_run(cfg, model).server
     assert party is not None
     log = logging.getLogger("test-server")
     identity = identity_for("tiny", model.config, 1, cfg.mode, "float32", cfg.grad_accum)
-    state = ServerState(party, identity, StepLedger(), hidden_size=32, log=log)
+    state = ServerState(party, identity, StepLedger(), hidden_size=32, log=log, **state_options)
     servicer = SplitServicer(state)
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=4),
+        futures.ThreadPoolExecutor(max_workers=workers),
         handlers=[servicer.handler()],
         interceptors=[TokenInterceptor(token, log)] if token else [],
         options=grpc_options(server=True),
@@ -97,7 +103,8 @@ def _batches(tokenizer, step: int, accum: int) -> list:
 
 def _client(cfg: TrainConfig, address: str, **opts) -> Run:
     model = tiny_llama()
-    transport = make_transport(cfg, model, RemoteOptions(address, reconnect_timeout=5, **opts))
+    opts = {"reconnect_timeout": 5, **opts}
+    transport = make_transport(cfg, model, RemoteOptions(address, **opts))
     transport.connect()
     return build_run(cfg, model, transport)
 
@@ -132,7 +139,11 @@ def test_every_mode_over_grpc_equals_in_process(tokenizer, mode, accum) -> None:
 def _raw_stream(served: Served, cfg: TrainConfig) -> _Stream:
     channel = grpc.insecure_channel(served.address, options=grpc_options())
     stream = _Stream(channel, [], chunk_bytes=1 << 20, frame_limit=1 << 30)
-    hello = {"identity": served.state.identity.to_json(), "wire_dtype": "float32"}
+    hello = {
+        "identity": served.state.identity.to_json(),
+        "wire_dtype": "float32",
+        "run": run_fingerprint(cfg),
+    }
     stream.send(encode("hello", hello, {}))
     assert decode(stream.receive(10))[1] == {"committed": served.state.ledger.committed}
     return stream

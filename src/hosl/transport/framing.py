@@ -14,8 +14,9 @@ receiver allocate more than the limit.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from hosl.transport.codec import CodecError
 
@@ -24,6 +25,7 @@ CHUNK_BYTES = 16 << 20  # the largest gRPC message hosl sends
 # (small) control frame never being chunked at a slightly different boundary.
 GRPC_MESSAGE_LIMIT = CHUNK_BYTES + (64 << 10)
 DEFAULT_FRAME_LIMIT = 1 << 30  # the largest reassembled frame a receiver accepts by default
+HELLO_LIMIT = 1 << 20  # the first frame of a session (its hello) is small; nothing larger before it
 
 WHOLE, MORE, LAST = 0, 1, 2
 
@@ -46,6 +48,9 @@ def grpc_options(
     ]
     if server:
         return limits + [
+            # gRPC lets a second server share a port by default (SO_REUSEPORT) and the kernel
+            # then splits new sessions between them; a port is one hosl server's, or nobody's.
+            ("grpc.so_reuseport", 0),
             ("grpc.keepalive_time_ms", 60_000),
             ("grpc.keepalive_timeout_ms", 60_000),  # a client starved of CPU still answers
             ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
@@ -71,13 +76,42 @@ def to_messages(frame: bytes, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]
         yield bytes([LAST if end >= len(frame) else MORE]) + view[start:end].tobytes()
 
 
+class ByteBudget:
+    """Bytes of partial frames held across all of a server's connections, with a cap: a peer
+    (or several) streaming chunks cannot make the server hold more than `capacity` at once."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.used = 0
+        self._lock = threading.Lock()
+
+    def reserve(self, size: int) -> None:
+        with self._lock:
+            if self.used + size > self.capacity:
+                raise CodecError(
+                    f"the server is already buffering {self.used} bytes of frames; "
+                    f"{size} more exceed its cap of {self.capacity}"
+                )
+            self.used += size
+
+    def release(self, size: int) -> None:
+        with self._lock:
+            self.used = max(0, self.used - size)
+
+
 @dataclass
 class Reassembler:
-    """gRPC messages -> frames. `feed` returns a complete frame, or None while chunks arrive."""
+    """gRPC messages -> frames. `feed` returns a complete frame, or None while chunks arrive.
+
+    `limit` may change between frames (a server raises it once a hello is accepted). With a
+    `budget`, the bytes of a partial frame are reserved there until the frame completes or
+    `reset` drops it."""
 
     limit: int = DEFAULT_FRAME_LIMIT
+    budget: ByteBudget | None = None
     _parts: list[bytes] | None = None
     _size: int = 0
+    _reserved: int = field(default=0, repr=False)
 
     @property
     def in_frame(self) -> bool:
@@ -97,18 +131,36 @@ class Reassembler:
             return bytes(body)
         size = self._size + len(body)
         self._check(size)
+        self._reserve(len(body))
         parts = self._parts if self._parts is not None else []
         parts.append(bytes(body))
         if tag == MORE:
             self._parts, self._size = parts, size
             return None
-        self._parts, self._size = None, 0
+        self.reset()
         return b"".join(parts)
+
+    def reset(self) -> None:
+        """Drop a partial frame and give its bytes back to the budget."""
+        self._parts, self._size = None, 0
+        if self.budget is not None and self._reserved:
+            self.budget.release(self._reserved)
+        self._reserved = 0
+
+    def _reserve(self, size: int) -> None:
+        if self.budget is None:
+            return
+        try:
+            self.budget.reserve(size)
+        except CodecError:
+            self.reset()
+            raise
+        self._reserved += size
 
     def _check(self, size: int) -> None:
         if size > self.limit:
-            self._parts, self._size = None, 0
-            raise CodecError(f"frame of more than {size} bytes exceeds the limit of {self.limit}")
+            self.reset()
+            raise CodecError(f"a frame of at least {size} bytes exceeds the limit of {self.limit}")
 
 
 def read_frames(messages: Iterator[bytes], limit: int = DEFAULT_FRAME_LIMIT) -> Iterator[bytes]:

@@ -17,9 +17,12 @@ server's step first.
 from __future__ import annotations
 
 import logging
+import math
 import queue
+import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -36,8 +39,9 @@ from hosl.transport.framing import (
     read_frames,
     to_messages,
 )
-from hosl.transport.grpc_server import FULL_METHOD
+from hosl.transport.grpc_server import BUSY, FULL_METHOD
 from hosl.transport.handshake import Identity
+from hosl.transport.ledger import reply_from_entry
 from hosl.transport.messages import (
     SERVER_MEMORY_KEY,
     EvalReply,
@@ -60,10 +64,21 @@ _RETRYABLE = {
     grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 log = logging.getLogger(__name__)
+# Anything a decoder might raise on bytes from a hostile or broken server: it ends the run with one
+# line, never a traceback.
+_DECODE_ERRORS = (CodecError, ValueError, TypeError, KeyError, IndexError, RuntimeError)
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 class _Broken(Exception):
     """The stream failed in a way a reconnect may cure."""
+
+    def __init__(self, message: str, busy: bool = False) -> None:
+        super().__init__(message)
+        self.busy = busy  # the server is serving another client
 
 
 class _Stream:
@@ -91,7 +106,7 @@ class _Stream:
             self._in.put(("end", None))
         except grpc.RpcError as err:
             self._in.put(("error", err))
-        except CodecError as err:
+        except Exception as err:  # a reader thread must never die silently: say what broke
             self._in.put(("bad", err))
 
     def send(self, frame: bytes) -> None:
@@ -111,7 +126,8 @@ class _Stream:
             raise HoslError(f"the server sent a malformed frame: {value}")
         code, details = value.code(), value.details()
         if code in _RETRYABLE:
-            raise _Broken(f"{code.name}: {details}")
+            busy = code == grpc.StatusCode.ABORTED and details == BUSY
+            raise _Broken(f"{code.name}: {details}", busy=busy)
         raise HoslError(f"the server refused the session ({code.name}): {details}")
 
     def close(self, timeout: float = 5.0) -> None:
@@ -135,6 +151,7 @@ class GrpcTransport:
         step_timeout: float = 3600.0,
         chunk_bytes: int = CHUNK_BYTES,
         frame_limit: int = DEFAULT_FRAME_LIMIT,
+        notify: Callable[[str], None] = _stderr,
     ) -> None:
         self.address = address
         self.identity = identity
@@ -149,6 +166,7 @@ class GrpcTransport:
         self._step_timeout = step_timeout
         self._chunk = chunk_bytes
         self._limit = frame_limit
+        self._notify = notify  # tells the user the client is waiting for the server, and how long
         self._channel: grpc.Channel | None = None
         self._stream: _Stream | None = None
         self._step_id: int | None = None
@@ -189,37 +207,58 @@ class GrpcTransport:
         stream.send(encode("hello", hello, {}))
         try:
             kind, scalars, _ = decode(stream.receive(min(30.0, self._step_timeout)))
-        except CodecError as err:
+        except _DECODE_ERRORS as err:
             raise HoslError(f"{self.address} sent a malformed welcome: {err}") from None
         committed = scalars.get("committed")
-        if kind != "welcome" or not isinstance(committed, int):
+        if kind != "welcome" or not _is_count(committed):
             raise HoslError(f"the server at {self.address} did not welcome the session")
         self._stream = stream
         return committed
 
     def _reconnect(self, deadline: float) -> int:
-        delay = 0.1
+        delay, told = 0.1, False
         while True:
             try:
                 return self._open_once()
             except _Broken as err:
                 if time.monotonic() + delay > deadline:
-                    raise HoslError(
-                        f"cannot reach the hosl server at {self.address} ({err}); is `hosl serve` "
-                        "running there, and are the address and TLS settings right?"
-                    ) from None
+                    raise HoslError(self._unreachable(err)) from None
+                if not told:
+                    left = max(0.0, deadline - time.monotonic())
+                    self._notify(
+                        f"hosl: waiting up to {left:.0f} s for the server at {self.address} "
+                        f"({err}); --reconnect-timeout sets how long"
+                    )
+                    told = True
                 log.info("server at %s not reachable (%s); retrying", self.address, err)
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
+
+    def _unreachable(self, err: _Broken) -> str:
+        waited = f"after {self._reconnect_timeout:g} s (--reconnect-timeout)"
+        if err.busy:
+            return (
+                f"the hosl server at {self.address} is busy: another client is training with it; "
+                f"gave up {waited}"
+            )
+        return (
+            f"cannot reach the hosl server at {self.address} {waited} ({err}); is `hosl serve` "
+            "running there, and are the address and TLS settings right?"
+        )
 
     def journal(self, start: int, stop: int) -> list[dict[str, Any]]:
         """The committed replies of steps start..stop-1, for replaying the client's updates."""
         assert self._stream is not None, "connect() first"
         self._stream.send(encode("journal", {"start": start, "stop": stop}, {}))
-        kind, scalars, _ = decode(self._stream.receive(self._step_timeout))
+        try:
+            kind, scalars, _ = decode(self._stream.receive(self._step_timeout))
+        except CodecError as err:
+            raise HoslError(f"the server sent a malformed journal: {err}") from None
         entries = scalars.get("entries")
         if kind != "journal" or not isinstance(entries, list):
             raise HoslError("the server answered a journal request with something else")
+        for entry in entries:
+            _check_entry(entry, start, stop)
         return entries
 
     # Transport ---------------------------------------------------------------------------
@@ -255,12 +294,19 @@ class GrpcTransport:
                 if deadline is None:
                     deadline = time.monotonic() + self._reconnect_timeout
                 resend = self._after_reconnect(req, self._reconnect(deadline), is_eval)
-        kind, scalars, tensors = decode(down)
-        reply = message_from_parts(kind, scalars, tensors, self.compute_dtype)
-        if isinstance(scalars.get(SERVER_MEMORY_KEY), dict):
-            self.server_memory = scalars[SERVER_MEMORY_KEY]
+        try:
+            kind, scalars, tensors = decode(down)
+            reply = message_from_parts(kind, scalars, tensors, self.compute_dtype)
+        except _DECODE_ERRORS as err:
+            raise HoslError(f"the server sent a malformed reply: {err}") from None
         if not isinstance(reply, reply_type):
             raise HoslError(f"expected a {reply_type.__name__}, got a {type(reply).__name__}")
+        problem = reply_problem(req, reply)
+        if problem:
+            raise HoslError(f"the server sent an unusable {kind}: {problem}")
+        memory = scalars.get(SERVER_MEMORY_KEY)
+        if _is_memory(memory):
+            self.server_memory = memory
         self.stats.record(is_eval, up, len(down))
         if not is_eval:
             self._step_requests.append(req)
@@ -292,3 +338,72 @@ class GrpcTransport:
 
     def evaluate(self, req: EvalRequest) -> EvalReply:
         return self._call(req, EvalReply)
+
+
+# Checks of what a server sends back: a hostile or broken server must not crash the client or make
+# it train on values it cannot have computed.
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _finite_numbers(values: Any, count: int) -> bool:
+    return (
+        isinstance(values, list)
+        and len(values) == count
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        and all(math.isfinite(v) for v in values)
+    )
+
+
+def _is_memory(value: Any) -> bool:
+    if not isinstance(value, dict) or not _is_count(value.get("peak_bytes")):
+        return False
+    phases = value.get("phase_peaks")
+    return isinstance(phases, dict) and all(_is_count(v) for v in phases.values())
+
+
+def reply_problem(req: Any, reply: Any) -> str:
+    """What is wrong with a decoded reply to `req` ("" if nothing): sizes that do not match the
+    request, and values that are not finite numbers."""
+    losses = getattr(reply, "losses", None)
+    if losses is not None and not _finite_numbers(losses, len(req.perturbed)):
+        return f"expected {len(req.perturbed)} finite losses"
+    if isinstance(reply, ZoStepReply) and not _finite_numbers(reply.grads, len(req.seeds)):
+        return f"expected {len(req.seeds)} finite projected gradients"
+    if isinstance(reply, (HoslStepReply, FoStepReply)) and not _finite_numbers([reply.loss], 1):
+        return "the loss is not a finite number"
+    if isinstance(reply, FoStepReply):
+        grad = reply.grad
+        if grad.shape != req.hidden.shape or not bool(torch.isfinite(grad).all()):
+            return f"the gradient must be finite and of shape {tuple(req.hidden.shape)}"
+    if isinstance(reply, EvalReply):
+        spec = req.batch.spec
+        shape = (spec.num_examples, spec.num_candidates)
+        if tuple(reply.scores.shape) != shape or torch.isnan(reply.scores).any():
+            return f"the scores must be {shape} numbers"
+    return ""
+
+
+def _check_entry(entry: Any, start: int, stop: int) -> None:
+    """A journal entry the client can replay: its step in range and a reply it can rebuild."""
+    ok = (
+        isinstance(entry, dict)
+        and _is_count(entry.get("step"))
+        and start <= entry["step"] < stop
+        and _is_count(entry.get("micro"))
+        and _is_count(entry.get("up"))
+        and _is_count(entry.get("down"))
+        and isinstance(entry.get("reply"), dict)
+    )
+    if ok:
+        try:
+            reply = reply_from_entry(entry)
+            grads = getattr(reply, "grads", [])
+            ok = _finite_numbers(reply.losses, len(reply.losses))
+            ok = ok and _finite_numbers(grads, len(grads))
+        except _DECODE_ERRORS:
+            ok = False
+    if not ok:
+        raise HoslError(f"the server sent a journal entry the client cannot replay: {entry!r:.200}")
