@@ -121,7 +121,7 @@ def build_run(
     if transport is None:
         server_opt, server_sched = (
             fo_optimizer(cfg, server_part.parameters())
-            if cfg.mode in ("hosl", "fo")
+            if cfg.mode in ("hosl", "fo", "frozen")
             else (None, None)
         )
         server = ServerParty(server_part, server_opt, server_sched, grad_accum=cfg.grad_accum)
@@ -141,7 +141,7 @@ def build_run(
     return Run(
         mode=cfg.mode,
         runner=runner,
-        step_fn=SPLIT_STEPS[cfg.mode],
+        step_fn=SPLIT_STEPS[cfg.mode, cfg.zo.estimator],
         client=client,
         server=server,
         transport=transport,

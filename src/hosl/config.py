@@ -20,7 +20,13 @@ from hosl.dtypes import DTYPES, canonical_name
 from hosl.errors import ConfigError
 from hosl.optim import OPTIMIZERS, SCHEDULES
 
-MODES = ("hosl", "fo", "zo", "fo-full", "zo-full")
+# The split modes (a client and a server) and the unsplit baselines. `frozen` is HOSL with a client
+# that never trains: the baseline that says what the ZO client buys.
+SPLIT_MODES = ("hosl", "fo", "zo", "frozen")
+MODES = (*SPLIT_MODES, "fo-full", "zo-full")
+# How the hosl client's projected gradients are read: `losses`, the paper's 2Q server losses, or
+# `cut-grad`, ⟨∂L/∂h, h⁺ − h⁻⟩/2ε from the server's one ∂L/∂h at the clean h.
+ESTIMATORS = ("losses", "cut-grad")
 # Built-in evaluation splits are sampled to this many examples unless data.eval_examples says
 # otherwise; a user's --eval-file is read whole and in order.
 DEFAULT_EVAL_EXAMPLES = 500
@@ -59,6 +65,7 @@ class ZoConfig:
     # ZO learning rate (--zo-lr): the client's in hosl/zo, the server's too in zo, the whole
     # model's in zo-full. 1e-4 won the ZO rate search (experiments/lr_zo.yaml).
     lr: float = 1e-4
+    estimator: str = "losses"  # hosl only: see ESTIMATORS
 
 
 @dataclass(frozen=True)
@@ -202,6 +209,15 @@ def validate(cfg: TrainConfig) -> None:
         (
             cfg.zo.lr > 0,
             f"zo.lr (the ZO learning rate, --zo-lr) must be > 0, got {cfg.zo.lr}",
+        ),
+        (
+            cfg.zo.estimator in ESTIMATORS,
+            f"zo.estimator must be one of {', '.join(ESTIMATORS)}, got {cfg.zo.estimator!r}",
+        ),
+        (
+            cfg.zo.estimator == "losses" or cfg.mode == "hosl",
+            f"zo.estimator cut-grad needs mode hosl (a ZO client and a server that backpropagates "
+            f"to the cut), not {cfg.mode}",
         ),
         (
             cfg.optim.lr > 0,

@@ -21,6 +21,12 @@ NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
 BYTES: dict[str, int] = {name: dtype.itemsize for name, dtype in DTYPES.items()}
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype to compute in for tensors stored in `dtype`: float32 for bf16 and fp16 (ZO loss
+    differences are ε-sized, and log-softmax wants the range), the stored dtype from float32 up."""
+    return torch.float32 if dtype.itemsize < 4 else dtype
+
+
 def canonical_name(name: str) -> str | None:
     """`"bf16"`, `"torch.bfloat16"`, `"bfloat16"` -> `"bfloat16"`; None when not a known dtype."""
     name = name.removeprefix("torch.")

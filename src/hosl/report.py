@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hosl.config import MODES, TrainConfig, to_dict
+from hosl.config import MODES, SPLIT_MODES, TrainConfig, to_dict
 from hosl.errors import HoslError
 from hosl.plots import Curve, Points, Reference, plot_curves, plot_points
-from hosl.results import SPLIT_MODES, effective, flatten, markdown_table, read_run
+from hosl.results import effective, flatten, markdown_table, read_run
 
 CONFIG_KEYS = tuple(flatten(to_dict(TrainConfig())))
 NOT_A_VARIANT = ("seed", "output")  # seeds are averaged; output differs by construction

@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from hosl.config import SPLIT_MODES
+
 # The columns every results table starts with (the README's tables are built from them).
 COLUMNS = (
     "run", "mode", "model", "task", "split_layer", "q", "seed", "steps", "eval_accuracy",
@@ -33,17 +35,17 @@ METRICS = (
     "eval_accuracy", "zero_shot_accuracy", "final_loss", "client_peak_bytes", "server_peak_bytes",
     "wire_bytes", "round_trips", "seconds_per_step",
 )
-SPLIT_MODES = ("hosl", "fo", "zo")
 # Config keys a mode never reads. Blanking them keeps an unused value (the base's zo.lr in an
 # `fo` run, say) from looking like a difference between runs in plots and labels.
-_ZO_KEYS = ("zo.q", "zo.eps", "zo.lr")
+_ZO_KEYS = ("zo.q", "zo.eps", "zo.lr", "zo.estimator")
 _FO_KEYS = ("optim.optimizer", "optim.lr", "optim.momentum", "optim.weight_decay")
 UNUSED_KEYS: dict[str, tuple[str, ...]] = {
     "hosl": (),
     "fo": _ZO_KEYS,
-    "zo": _FO_KEYS,
+    "zo": (*_FO_KEYS, "zo.estimator"),
+    "frozen": _ZO_KEYS,
     "fo-full": (*_ZO_KEYS, "model.split_layer"),
-    "zo-full": (*_FO_KEYS, "model.split_layer"),
+    "zo-full": (*_FO_KEYS, "model.split_layer", "zo.estimator"),
 }
 
 

@@ -12,13 +12,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hosl.batching import ScoreSpec
+from hosl.dtypes import compute_dtype
 
 
 def candidate_scores(hidden: Tensor, head: nn.Module, spec: ScoreSpec) -> Tensor:
     """Mean log-probability of each candidate's tokens: (S, L, H) final hidden -> (B, C) scores."""
     flat = hidden.reshape(-1, hidden.shape[-1])  # (S*L, H)
     picked = flat.index_select(0, spec.positions)  # (P, H)
-    logits = head(picked).float()  # (P, V): the only head output made
+    logits = head(picked)  # (P, V): the only head output made
+    logits = logits.to(compute_dtype(logits.dtype))
     log_probs = logits.log_softmax(dim=-1)  # (P, V)
     reads = log_probs[spec.position_index, spec.tokens]  # (T,)
     num_flat = spec.num_examples * spec.num_candidates

@@ -1,14 +1,26 @@
-"""Split modes: `hosl` (ZO client, FO server), `fo` (FO-FO) and `zo` (ZO-ZO).
+"""Split modes: `hosl` (ZO client, FO server), `fo` (FO-FO), `zo` (ZO-ZO) and `frozen` (a client
+that never trains, FO server: the baseline a ZO client must beat).
 
 Each `*_step` runs one optimizer step over `micro_batches` (gradient accumulation) and returns the
 mean training loss. The client talks to the server only through the transport: one round trip per
 micro-batch, whatever Q is.
+
+`hosl` reads its client's projected gradients one of two ways (`zo.estimator`):
+
+- `losses` (the paper's): the client sends the clean h and the 2Q perturbed ones; the server
+  returns 2Q losses, and g_q = (L⁺_q − L⁻_q)/2ε.
+- `cut-grad`: the client sends the clean h only and the server returns ∂L/∂h there (as in FO-FO),
+  and the client reads g_q = ⟨∂L/∂h, h⁺_q − h⁻_q⟩/2ε itself. Both are central differences of the
+  same directional derivative, through the client's blocks here and through the whole model
+  there; they agree up to O(ε²). The wire carries one activation each way whatever Q is, the
+  server runs one forward and one backward, and the perturbed activations never leave the client.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
@@ -23,7 +35,15 @@ from hosl.protocol import (
     ZoStepRequest,
 )
 from hosl.transport.base import Transport
-from hosl.zo import ZoRecords, perturbation_seed
+from hosl.zo import ZoRecords, directional_derivative, perturbation_seed
+
+T = TypeVar("T")
+U = TypeVar("U")
+
+
+def run_in_turn(first: Callable[[], T], second: Callable[[], U]) -> tuple[T, U]:
+    """`first()` then `second()`: the in-process default of `SplitRunner.overlap`."""
+    return first(), second()
 
 
 @dataclass
@@ -36,6 +56,9 @@ class SplitRunner:
     run_seed: int
     grad_accum: int = 1
     weight_decay: float = 0.0  # decoupled, as AdamW's: applied by the ZO updates too
+    # Runs a server call and client work that does not depend on it: in turn in process, at the
+    # same time where the server is another machine (see `hosl.remote`).
+    overlap: Callable[[Callable[[], T], Callable[[], U]], tuple[T, U]] = run_in_turn
 
     def seeds(self, step: int, micro: int) -> list[int]:
         return [perturbation_seed(self.run_seed, step, micro, q) for q in range(self.q)]
@@ -80,6 +103,46 @@ def hosl_step(run: SplitRunner, micro_batches: Sequence[Batch], step: int) -> fl
         records.add_losses(seeds, reply.losses, run.eps)
         losses.append(reply.loss)
     run.client.apply_zo(records.records, run.zo_lr(step), run.weight_decay)
+    return sum(losses) / len(losses)
+
+
+def hosl_cut_grad_step(run: SplitRunner, micro_batches: Sequence[Batch], step: int) -> float:
+    records = ZoRecords(run.q, len(micro_batches))
+    losses: list[float] = []
+    last = len(micro_batches) - 1
+    for m, batch in enumerate(micro_batches):
+        seeds = run.seeds(step, m)
+        clean = run.client.activations(batch)  # (S, L, H) at θ_c
+        request = FoStepRequest(
+            step=step, micro=m, update=m == last, batch=cut(batch, clean), hidden=clean.hidden
+        )
+        # The client's 2Q forwards need nothing from the server: they run while it answers.
+        reply, pairs = run.overlap(
+            lambda request=request: run.transport.fo_step(request),
+            lambda batch=batch, seeds=seeds: run.client.pair_differences(batch, seeds, run.eps),
+        )
+        # ∂L/∂h carries the server's 1/A accumulation scale; ZoRecords applies 1/(Q·A) itself
+        grad = reply.grad * len(micro_batches)
+        for seed, diff in zip(seeds, pairs, strict=True):
+            records.add(seed, directional_derivative(grad, diff, run.eps))
+        losses.append(reply.loss)
+    run.client.apply_zo(records.records, run.zo_lr(step), run.weight_decay)
+    return sum(losses) / len(losses)
+
+
+def frozen_step(run: SplitRunner, micro_batches: Sequence[Batch], step: int) -> float:
+    """The server trains on the clean h exactly as in `hosl`; the client never changes."""
+    losses: list[float] = []
+    last = len(micro_batches) - 1
+    for m, batch in enumerate(micro_batches):
+        clean = run.client.activations(batch)  # (S, L, H), under inference mode
+        reply = run.transport.hosl_step(
+            HoslStepRequest(
+                step=step, micro=m, update=m == last, batch=cut(batch, clean), perturbed=[],
+                clean=clean.hidden,
+            )
+        )
+        losses.append(reply.loss)
     return sum(losses) / len(losses)
 
 
@@ -130,4 +193,10 @@ def zo_step(run: SplitRunner, micro_batches: Sequence[Batch], step: int) -> floa
     return sum(losses) / len(losses)
 
 
-SPLIT_STEPS = {"hosl": hosl_step, "fo": fo_step, "zo": zo_step}
+SPLIT_STEPS = {
+    ("hosl", "losses"): hosl_step,
+    ("hosl", "cut-grad"): hosl_cut_grad_step,
+    ("fo", "losses"): fo_step,
+    ("zo", "losses"): zo_step,
+    ("frozen", "losses"): frozen_step,
+}

@@ -107,6 +107,17 @@ class ClientParty(PartyState):
         deltas = LazyDeltas(self, batch, seeds, eps, base)
         return deltas if self.lazy_pairs else list(deltas)
 
+    def pair_differences(self, batch: Batch, seeds: Sequence[int], eps: float) -> list[Tensor]:
+        """Q differences h⁺_q − h⁻_q (S, L, H), the cut-gradient estimator's: each pair's two
+        forwards, then only their difference is kept."""
+        pairs = LazyDeltas(self, batch, seeds, eps)  # h⁺_q, then h⁻_q − h⁺_q
+        out = []
+        for q in range(len(seeds)):
+            pairs[2 * q]  # h⁺_q: kept by `pairs` until element 2q + 1 is read
+            with torch.inference_mode():
+                out.append(pairs[2 * q + 1].neg_())  # h⁺_q − h⁻_q, in place
+        return out
+
     def apply_zo(
         self, seeds_and_coefs: Sequence[tuple[int, float]], lr: float, weight_decay: float = 0.0
     ) -> None:

@@ -37,6 +37,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from hosl.dtypes import compute_dtype
 from hosl.zo.seeds import ROW_CHUNK_ELEMENTS, noise_for, row_noise, tensor_seed
 
 
@@ -74,7 +75,7 @@ class ZoTarget:
     @property
     def low_precision(self) -> bool:
         """True when some parameter is stored below float32: forwards then compute in float32."""
-        return any(p.dtype != torch.float32 for _, p in self.named)
+        return any(p.dtype.itemsize < 4 for _, p in self.named)
 
     def __len__(self) -> int:
         return len(self.named)
@@ -120,9 +121,10 @@ def PerturbedForward(  # noqa: N802
                     continue  # an enclosing PerturbedForward already swapped it in
                 stash[attr] = param
                 if seed is None:
-                    perturbed = param.detach().float()
-                else:  # one new float32 tensor: z, scaled and shifted in place into θ + scale·z
-                    perturbed = noise_for(param, seed, name).mul_(scale).add_(param.detach())
+                    perturbed = param.detach().to(compute_dtype(param.dtype))
+                else:  # one new tensor: z, scaled and shifted in place into θ + scale·z
+                    z = noise_for(param, seed, name).to(compute_dtype(param.dtype))
+                    perturbed = z.mul_(scale).add_(param.detach())
                 mod._parameters[attr] = perturbed  # a plain tensor, only for this call
 
         def swap_out(mod: nn.Module, _args: object, _out: object, owned=owned, stash=stash) -> None:
@@ -153,12 +155,13 @@ def _add_row_noise(name: str, seed: int | None, scale: float):  # noqa: ANN202
     """Forward hook: (θ + scale·z)[ids] computed as θ[ids] + scale·z[ids], z drawn for ids only."""
 
     def hook(mod: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        dtype = compute_dtype(out.dtype)
         if seed is None:
-            return out.float()                                       # (B, L, d)
+            return out.to(dtype)                                     # (B, L, d)
         ids = args[0]                                                # (B, L) token ids
         rows, where = torch.unique(ids, return_inverse=True)         # (U,), (B, L)
-        z = row_noise(mod.weight, seed, name, rows).mul_(scale)      # (U, d) float32
-        return z[where].add_(out)                                    # (B, L, d) float32
+        z = row_noise(mod.weight, seed, name, rows).to(dtype)        # (U, d)
+        return z.mul_(scale)[where].add_(out)                        # (B, L, d)
 
     return hook
 
@@ -188,7 +191,7 @@ def apply_zo_update_(
     for name, param in target.named:
         rows = param.shape[0] if param.dim() else 1
         width = param[0].numel() if param.dim() else 1
-        exact = param.dtype == torch.float32
+        exact = param.dtype == compute_dtype(param.dtype)  # float32 or float64: no rounding
         # Embedding matrices (and every bf16 tensor, which needs a float32 working copy) are
         # walked in chunks of rows: (chunk, d) of noise at a time instead of (V, d).
         chunked = name in target.row_wise or not exact
@@ -213,7 +216,8 @@ def _noise_rows(
     """z of `rows` of `param` (all of it when `whole`), float32, shaped like those rows."""
     if whole:
         return noise_for(param, seed, name)
-    return row_noise(param, seed, name, rows)  # rows of z viewed as (rows, *param.shape[1:])
+    # rows of z viewed as (rows, *param.shape[1:]); lean passes: the update holds a chunk of rows
+    return row_noise(param, seed, name, rows, lean=True)
 
 
 def _stochastic_round(x: torch.Tensor, dither: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -11,12 +11,23 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
+from torch import Tensor
+
 from hosl.zo.engine import PerturbedForward, ZoTarget
 
 
 def projected_gradient(loss_plus: float, loss_minus: float, eps: float) -> float:
     """Central difference along z: g = (L(θ+εz) − L(θ−εz)) / 2ε."""
     return (loss_plus - loss_minus) / (2.0 * eps)
+
+
+def directional_derivative(grad: Tensor, difference: Tensor, eps: float) -> float:
+    """g = ⟨∂L/∂h, h⁺ − h⁻⟩ / 2ε: the cut-gradient estimator's projected gradient.
+
+    grad and difference are (S, L, H); the sum runs in float64 (tens of thousands of terms).
+    """
+    return float(torch.dot(grad.reshape(-1).double(), difference.reshape(-1).double())) / (2 * eps)
 
 
 def pair_losses(

@@ -65,10 +65,10 @@ _PASS_ELEMENTS = {"cpu": 1 << 17, "cuda": 1 << 21}
 # of the noise itself, but never passes smaller than this.
 _MIN_PASS_ELEMENTS = 1 << 6
 _WHOLE_PASS_FRACTION = 32
-# Row subsets (the rows a batch looks up: a few MB) are made in passes up to this many times the
-# device's pass size, and no fraction rule: on CPU 1,000 rows of a 576-wide embedding are then one
-# pass, where ~30 small passes spent more time in per-operation overhead than in arithmetic.
-_ROW_PASS_SCALE = 1
+# Row subsets a forward looks up (a few MB) are made in passes of the device's pass size with no
+# fraction rule: 1,000 rows of a 576-wide embedding then take 5 passes on CPU, where ~30 small ones
+# spent more time in per-operation overhead than in arithmetic. A caller short of memory (the
+# update, walking a whole matrix in chunks) asks for `lean` passes: the whole-tensor rule.
 
 
 def _hash(*parts: object) -> int:
@@ -191,8 +191,8 @@ def _pass_elements(numel: int, device: torch.device) -> int:
 
 
 def _row_pass_elements(numel: int, device: torch.device) -> int:
-    """Elements per pass of a row subset of `numel` elements: larger passes, no fraction rule."""
-    top = _PASS_ELEMENTS.get(device.type, _PASS_ELEMENTS["cuda"]) * _ROW_PASS_SCALE
+    """Elements per pass of a row subset of `numel` elements: no fraction rule."""
+    top = _PASS_ELEMENTS.get(device.type, _PASS_ELEMENTS["cuda"])
     return max(_MIN_PASS_ELEMENTS, min(top, numel))
 
 
@@ -214,11 +214,14 @@ def _fill_flat_(out: torch.Tensor, key: int, key2: int) -> None:
         out[-1] = words.view(torch.float32)[0]
 
 
-def _fill_rows_(out: torch.Tensor, rows: torch.Tensor, width: int, key: int, key2: int) -> None:
+def _fill_rows_(
+    out: torch.Tensor, rows: torch.Tensor, width: int, key: int, key2: int, lean: bool
+) -> None:
     """out (contiguous float32, len(rows) × width) ← those rows of z viewed as (-1, width)."""
     if out.numel() == 0:
         return
-    step_rows = min(len(rows), max(1, _row_pass_elements(out.numel(), out.device) // width))
+    passes = _pass_elements if lean else _row_pass_elements
+    step_rows = min(len(rows), max(1, passes(out.numel(), out.device) // width))
     if width % 2 == 0:
         # every row starts at an even element: its pairs are r·width/2 + 0 … width/2 − 1, and
         # their normals land exactly on the row
@@ -258,18 +261,19 @@ def noise_for(param: torch.Tensor, seed: int, name: str) -> torch.Tensor:
 
 
 def row_noise(
-    param: torch.Tensor, seed: int, name: str, rows: torch.Tensor | range
+    param: torch.Tensor, seed: int, name: str, rows: torch.Tensor | range, lean: bool = False
 ) -> torch.Tensor:
     """Rows `rows` of `noise_for(param, seed, name)`: (len(rows), *param.shape[1:]), float32.
 
     Bit for bit the same rows as the whole tensor's z, made in one vectorised pass (per chunk) over
     just those rows: a forward generates only the embedding rows it looks up, and the update can
-    walk the whole matrix in chunks of rows.
+    walk the whole matrix in chunks of rows (`lean`: a working set of a few percent of the rows'
+    noise, in smaller and slower passes).
     """
     if isinstance(rows, range):
         rows = torch.arange(rows.start, rows.stop, rows.step, device=param.device)
     rows = rows.to(device=param.device, dtype=torch.int64).reshape(-1)
     width = math.prod(param.shape[1:])
     out = torch.empty((len(rows), *param.shape[1:]), dtype=torch.float32, device=param.device)
-    _fill_rows_(out.view(len(rows), width), rows, width, *_keys(seed, name))
+    _fill_rows_(out.view(len(rows), width), rows, width, *_keys(seed, name), lean)
     return out
