@@ -51,8 +51,14 @@ def _train(tiny_model_dir: Path, files: tuple[Path, Path], out: Path, *extra: st
     )
 
 
-@pytest.mark.parametrize("mode", ["hosl", "fo", "zo", "fo-full", "zo-full"])
-def test_train_writes_the_run_directory(tiny_model_dir, sentiment_files, tmp_path, mode) -> None:
+@pytest.mark.parametrize(
+    "mode,extra",
+    [("hosl", ()), ("hosl", ("--estimator", "cut-grad")), ("fo", ()), ("zo", ()), ("frozen", ()),
+     ("fo-full", ()), ("zo-full", ())],
+)
+def test_train_writes_the_run_directory(
+    tiny_model_dir, sentiment_files, tmp_path, mode, extra
+) -> None:
     out = tmp_path / "run"
     assert (
         _train(
@@ -65,6 +71,7 @@ def test_train_writes_the_run_directory(tiny_model_dir, sentiment_files, tmp_pat
             "3",
             "--eval-every",
             "2",
+            *extra,
         )
         == 0
     )
@@ -90,10 +97,10 @@ def test_train_writes_the_run_directory(tiny_model_dir, sentiment_files, tmp_pat
         assert key in summary
     assert summary["mode"] == mode and summary["steps"] == 3
     assert summary["client_peak_bytes"] > 0
-    if mode in ("hosl", "fo", "zo"):
+    if mode in ("hosl", "fo", "zo", "frozen"):
         assert summary["round_trips"] == 3 and summary["wire_bytes"] > 0
         assert summary["server_peak_bytes"] > 0
-        assert "zo_estimate" in summary["client_phase_peaks"] or mode == "fo"
+        assert ("zo_estimate" in summary["client_phase_peaks"]) == (mode in ("hosl", "zo"))
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines if "loss" in x] == [1, 2, 3]
     assert [x["step"] for x in lines if "eval_accuracy" in x] == [2, 3]

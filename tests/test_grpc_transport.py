@@ -36,7 +36,7 @@ from hosl.transport.security import server_credentials as tls_server_credentials
 from hosl.transport.streaming import request_frames
 
 
-def _cfg(mode: str, accum: int = 1) -> TrainConfig:
+def _cfg(mode: str, accum: int = 1, estimator: str = "losses") -> TrainConfig:
     return TrainConfig(
         mode=mode,
         steps=4,
@@ -44,7 +44,7 @@ def _cfg(mode: str, accum: int = 1) -> TrainConfig:
         grad_accum=accum,
         model=ModelConfig(name="tiny", split_layer=1),
         data=DataConfig(task="sst2"),
-        zo=ZoConfig(q=2, eps=1e-3, lr=5e-3),
+        zo=ZoConfig(q=2, eps=1e-3, lr=5e-3, estimator=estimator),
         optim=OptimConfig(optimizer="adamw", lr=0.05),
     )
 
@@ -116,9 +116,13 @@ def _assert_same(a: torch.nn.Module, b: torch.nn.Module) -> None:
         torch.testing.assert_close(sa[key], sb[key], rtol=0, atol=1e-6, msg=key)
 
 
-@pytest.mark.parametrize("mode,accum", [("hosl", 1), ("hosl", 2), ("fo", 2), ("zo", 1)])
-def test_every_mode_over_grpc_equals_in_process(tokenizer, mode, accum) -> None:
-    cfg = _cfg(mode, accum)
+@pytest.mark.parametrize(
+    "mode,accum,estimator",
+    [("hosl", 1, "losses"), ("hosl", 2, "losses"), ("hosl", 2, "cut-grad"), ("fo", 2, "losses"),
+     ("zo", 1, "losses"), ("frozen", 1, "losses")],
+)
+def test_every_mode_over_grpc_equals_in_process(tokenizer, mode, accum, estimator) -> None:
+    cfg = _cfg(mode, accum, estimator)
     reference = build_run(cfg, tiny_llama())
     with serving(cfg) as served:
         remote = _client(cfg, served.address)

@@ -10,7 +10,7 @@ import torch
 from transformers import PreTrainedModel
 
 from hosl.algos.full_modes import FULL_STEPS, FullRunner
-from hosl.algos.split_modes import SPLIT_STEPS, SplitRunner
+from hosl.algos.split_modes import SPLIT_STEPS, SplitRunner, run_concurrently, run_in_turn
 from hosl.batching import Batch
 from hosl.config import TrainConfig
 from hosl.dtypes import DTYPES
@@ -137,6 +137,8 @@ def build_run(
         run_seed=cfg.seed,
         grad_accum=cfg.grad_accum,
         weight_decay=cfg.optim.weight_decay,
+        # a remote server answers while the client computes (cut-grad's perturbed forwards)
+        overlap=run_in_turn if server is not None else run_concurrently,
     )
     return Run(
         mode=cfg.mode,

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from hosl.config import MODES
 from hosl.dtypes import ALIASES, DTYPES, canonical_name
 from hosl.errors import HoslError
 from hosl.optim import OPTIMIZERS, SCHEDULES
@@ -23,7 +24,7 @@ DTYPE_HELP = " | ".join(DTYPES) + " (or " + ", ".join(ALIASES) + ")"
 # flag -> dotted config key; the flag's value overrides the YAML file and --set. Each help text
 # ends with the config default (`_config_default`) unless DEFAULT_TEXT says it another way.
 TRAIN_FLAGS: dict[str, tuple[str, type, str]] = {
-    "--mode": ("mode", str, "hosl | fo | zo | fo-full | zo-full"),
+    "--mode": ("mode", str, " | ".join(MODES) + " (frozen: a client that never trains)"),
     "--model": ("model.name", str, "alias (smollm2-135m), local directory, .gguf file or hub name"),
     "--task": ("data.task", str, "rt, sst2, cb, boolq, rte, wic, wsc, multirc, copa"),
     "--train-file": ("data.train_file", str, "JSONL/CSV training data with the task's fields"),
@@ -37,6 +38,12 @@ TRAIN_FLAGS: dict[str, tuple[str, type, str]] = {
     "--split-layer": ("model.split_layer", int, "k: the client holds blocks 0..k-1"),
     "--q": ("zo.q", int, "ZO perturbation pairs per step"),
     "--eps": ("zo.eps", float, "ZO perturbation scale"),
+    "--estimator": (
+        "zo.estimator",
+        str,
+        "how the hosl client reads its projected gradients: losses (2Q server losses) | "
+        "cut-grad (one dL/dh from the server, the same derivative up to O(eps^2))",
+    ),
     "--zo-lr": (
         "zo.lr",
         float,
@@ -337,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     mem.add_argument("--split-layer", type=int, default=None, help="k (required for split modes)")
     mem.add_argument("--batch-size", type=int, default=16, help="examples per micro-batch")
     mem.add_argument("--max-length", type=int, default=64, help="tokens per sequence")
-    mem.add_argument("--mode", default="hosl", help="hosl, fo, zo, fo-full, zo-full, inference")
+    mem.add_argument("--mode", default="hosl", help=", ".join((*MODES, "inference")))
     mem.add_argument("--dtype", default="float32", help=DTYPE_HELP)
     mem.add_argument("--optimizer", default="adamw", help=" | ".join(OPTIMIZERS))
     mem.add_argument("--logits", default="scored", choices=["scored", "full"],

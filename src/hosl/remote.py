@@ -27,7 +27,7 @@ import torch
 from transformers import PreTrainedModel
 
 from hosl.build import Run
-from hosl.config import TrainConfig
+from hosl.config import SPLIT_MODES, TrainConfig
 from hosl.dtypes import DTYPES
 from hosl.errors import ConfigError, HoslError
 from hosl.models.loading import load_pretrained
@@ -74,8 +74,10 @@ def run_fingerprint(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def make_transport(cfg: TrainConfig, model: PreTrainedModel, opts: RemoteOptions) -> GrpcTransport:
-    if cfg.mode not in ("hosl", "fo", "zo"):
-        raise ConfigError(f"--server needs a split mode (hosl, fo or zo), not {cfg.mode!r}")
+    if cfg.mode not in SPLIT_MODES:
+        raise ConfigError(
+            f"--server needs a split mode ({', '.join(SPLIT_MODES)}), not {cfg.mode!r}"
+        )
     identity = identity_for(
         cfg.model.name,
         model.config,
@@ -159,11 +161,15 @@ class RemoteSession:
         if committed == at_step:
             return committed
         base = at_step if at_step < committed else self._restore(committed)
-        if self.cfg.mode == "fo" and base != committed:
+        # fo and cut-grad steps move the client by ∂L/∂h, which the server's journal does not keep
+        kind = {"fo": "fo"}.get(self.cfg.mode) or {"cut-grad": "cut-grad"}.get(
+            self.cfg.zo.estimator if self.cfg.mode == "hosl" else ""
+        )
+        if kind is not None and base != committed:
             raise HoslError(
-                f"the server is at step {committed} and this fo client at step {at_step}, with no "
-                f"checkpoint at step {committed}; fo steps cannot be replayed. Restart both "
-                "sides from checkpoints of the same step"
+                f"the server is at step {committed} and this {kind} client at step {at_step}, "
+                f"with no checkpoint at step {committed}; {kind} steps cannot be replayed. "
+                "Restart both sides from checkpoints of the same step"
             )
         if base < committed:
             self.echo(f"replaying steps {base}..{committed - 1} from the server's journal")

@@ -29,7 +29,7 @@ import torch
 
 from hosl.build import fo_optimizer
 from hosl.checkpoint import load_latest, save_checkpoint
-from hosl.config import TrainConfig, check_split_layer, dump_config
+from hosl.config import SPLIT_MODES, TrainConfig, check_split_layer, dump_config
 from hosl.dtypes import DTYPES
 from hosl.errors import ConfigError
 from hosl.models.loading import load_pretrained
@@ -83,8 +83,10 @@ def _logger(run_dir: Path) -> logging.Logger:
 
 def build_server_party(cfg: TrainConfig) -> tuple[ServerParty, object, int]:
     """(party, model config, hidden size): only the server's part of the model stays in memory."""
-    if cfg.mode not in ("hosl", "fo", "zo"):
-        raise ConfigError(f"hosl serve runs the split modes hosl, fo and zo, not {cfg.mode!r}")
+    if cfg.mode not in SPLIT_MODES:
+        raise ConfigError(
+            f"hosl serve runs the split modes {', '.join(SPLIT_MODES)}, not {cfg.mode!r}"
+        )
     model, _ = load_pretrained(cfg.model.name, dtype=DTYPES[cfg.model.dtype])
     check_split_layer(cfg.model.split_layer, num_layers(model), cfg.model.name)
     config = model.config
@@ -92,7 +94,7 @@ def build_server_party(cfg: TrainConfig) -> tuple[ServerParty, object, int]:
     del model, client_part  # the embeddings and blocks 0..k-1 are the client's
     gc.collect()
     optimizer = scheduler = None
-    if cfg.mode in ("hosl", "fo"):
+    if cfg.mode != "zo":  # every other split mode trains its server with FO
         optimizer, scheduler = fo_optimizer(cfg, server_part.parameters())
     party = ServerParty(server_part, optimizer, scheduler, grad_accum=cfg.grad_accum)
     return party, config, int(config.hidden_size)

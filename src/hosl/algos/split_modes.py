@@ -19,6 +19,7 @@ micro-batch, whatever Q is.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -44,6 +45,18 @@ U = TypeVar("U")
 def run_in_turn(first: Callable[[], T], second: Callable[[], U]) -> tuple[T, U]:
     """`first()` then `second()`: the in-process default of `SplitRunner.overlap`."""
     return first(), second()
+
+
+def run_concurrently(first: Callable[[], T], second: Callable[[], U]) -> tuple[T, U]:
+    """`first()` on a worker thread while `second()` runs here: a remote server's work (and the
+    wait for it) overlaps the client's. Both must be independent; an error in either is raised."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(first)
+        try:
+            other = second()
+        finally:
+            done = pending.result()  # waits, and raises the server call's error first
+        return done, other
 
 
 @dataclass

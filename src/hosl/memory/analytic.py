@@ -70,7 +70,7 @@ from hosl.memory.families import (
 from hosl.memory.phases import PartPlan, party_phases
 from hosl.zo.seeds import ROW_CHUNK_ELEMENTS
 
-MODES = ("hosl", "fo", "zo", "fo-full", "zo-full", "inference")
+MODES = ("hosl", "fo", "zo", "frozen", "fo-full", "zo-full", "inference")
 OPTIMIZER_STATES = {"sgd": 0, "momentum": 1, "adamw": 2}  # state tensors per parameter
 LOGITS = ("scored", "full")
 COMPONENTS = (
@@ -90,6 +90,7 @@ _ROLES = {
     "hosl": {"client": "zo", "server": "fo"},
     "fo": {"client": "fo", "server": "fo"},
     "zo": {"client": "zo", "server": "zo"},
+    "frozen": {"client": "inference", "server": "fo"},
     "fo-full": {"model": "fo"},
     "zo-full": {"model": "zo"},
     "inference": {"client": "inference", "server": "inference"},
@@ -156,6 +157,8 @@ def _default_boundary_copies(mode: str, party: str, q: int) -> tuple[int, int]:
         ("hosl", "server"): (2 * q + 1, 2 * q + 1),
         ("fo", "client"): (0, 1),
         ("fo", "server"): (1, 1),
+        ("frozen", "client"): (0, 1),
+        ("frozen", "server"): (1, 1),
         ("zo", "client"): (2 * q, 2 * q),
         ("zo", "server"): (2 * q, 2 * q),
         ("inference", "client"): (0, 0),

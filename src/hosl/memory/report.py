@@ -17,13 +17,13 @@ from pathlib import Path
 
 from transformers import AutoConfig, PretrainedConfig
 
+from hosl.config import SPLIT_MODES
 from hosl.errors import ConfigError
 from hosl.memory.analytic import MODES, MemoryEstimate, estimate, human_bytes
 from hosl.models.configs import builtin_config, builtin_config_names
 
 __all__ = ["format_report", "load_model_config", "run_memory_command"]
 
-SPLIT_MODES = ("hosl", "fo", "zo")
 # hosl loads models with transformers' default attention kernel, which is sdpa.
 DEFAULT_ATTENTION = "sdpa"
 
