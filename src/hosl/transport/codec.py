@@ -77,21 +77,31 @@ def encode(kind: str, scalars: dict[str, Any], tensors: dict[str, Tensor]) -> by
     return b"".join([_PREFIX.pack(MAGIC, len(header)), header, *blobs])
 
 
+def _is_size(value: Any, most: int) -> bool:
+    """A non-negative int (not a bool) no larger than `most`."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= most
+
+
 def _check_meta(meta: Any, payload_len: int, limits: Limits) -> tuple[str, torch.dtype, list[int]]:
     if not isinstance(meta, dict):
         raise CodecError("tensor entry is not an object")
     name, dtype_name, shape = meta.get("name"), meta.get("dtype"), meta.get("shape")
     offset, nbytes = meta.get("offset"), meta.get("nbytes")
-    if not isinstance(name, str) or dtype_name not in DTYPES:
-        raise CodecError(f"bad tensor name or dtype: {name!r} {dtype_name!r}")
+    # Types first: a list where a string belongs is unhashable, a bool passes for an int.
+    if not isinstance(name, str) or not isinstance(dtype_name, str) or dtype_name not in DTYPES:
+        raise CodecError(f"bad tensor name or dtype: {name!r:.80} {dtype_name!r:.80}")
     if (
         not isinstance(shape, list)
         or len(shape) > limits.max_dims
-        or not all(isinstance(d, int) and d >= 0 for d in shape)
+        or not all(_is_size(d, limits.max_message_bytes) for d in shape)
+        # zero-size tensors too: torch computes strides over every dimension, which overflow
+        or math.prod(max(d, 1) for d in shape) > limits.max_message_bytes
     ):
-        raise CodecError(f"tensor {name!r} has a bad shape {shape!r}")
-    if not isinstance(offset, int) or not isinstance(nbytes, int) or offset < 0 or nbytes < 0:
-        raise CodecError(f"tensor {name!r} has a bad offset or size")
+        raise CodecError(f"tensor {name!r:.80} has a bad shape {shape!r:.80}")
+    if not _is_size(offset, limits.max_message_bytes) or not _is_size(
+        nbytes, limits.max_message_bytes
+    ):
+        raise CodecError(f"tensor {name!r:.80} has a bad offset or size")
     dtype = DTYPES[dtype_name]
     expected = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     if expected != nbytes or offset + nbytes > payload_len:
@@ -119,6 +129,8 @@ def decode(
         header = json.loads(buf[_PREFIX.size : _PREFIX.size + header_len])
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CodecError(f"header is not valid JSON: {err}") from None
+    except RecursionError:
+        raise CodecError("header JSON is nested too deeply") from None
     if not isinstance(header, dict) or not isinstance(header.get("kind"), str):
         raise CodecError("header has no message kind")
     metas = header.get("tensors", [])

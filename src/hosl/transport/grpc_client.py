@@ -300,7 +300,9 @@ class GrpcTransport:
         except _DECODE_ERRORS as err:
             raise HoslError(f"the server sent a malformed reply: {err}") from None
         if not isinstance(reply, reply_type):
-            raise HoslError(f"expected a {reply_type.__name__}, got a {type(reply).__name__}")
+            raise HoslError(
+                f"the server answered with a {type(reply).__name__}, not a {reply_type.__name__}"
+            )
         problem = reply_problem(req, reply)
         if problem:
             raise HoslError(f"the server sent an unusable {kind}: {problem}")
