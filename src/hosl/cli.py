@@ -151,10 +151,20 @@ def _dtype(name: str) -> str:
     return canonical
 
 
+def _quiet_grpc(verbose: bool) -> None:
+    """gRPC's C core logs its own lines (3 to 29 of them on a TLS or port failure) before hosl's
+    one-line error; keep them for --verbose. Read when gRPC first loads, so set before import."""
+    if verbose:
+        os.environ.setdefault("GRPC_VERBOSITY", "INFO")
+    else:
+        os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+
+
 def _remote(args: argparse.Namespace) -> Any:
     """RemoteOptions from --server and its companions, or None for an in-process run."""
     if not args.server:
         return None
+    _quiet_grpc(args.verbose)
     from hosl.remote import RemoteOptions
     from hosl.transport.security import load_token
 
@@ -190,6 +200,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    _quiet_grpc(args.verbose)
     from hosl.config import load_config
     from hosl.serve import ServeOptions, serve
     from hosl.transport.security import load_token
@@ -201,6 +212,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         max_frame_mb=args.max_frame_mb,
+        idle_timeout=args.idle_timeout,
     )
     if args.resume:
         run_dir = Path(args.resume)
@@ -303,6 +315,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--max-frame-mb", type=int, default=1024, help="largest message accepted, in MiB"
     )
+    serve.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=900.0,
+        help="seconds a connected client may send nothing before its session ends and another "
+        "client may train",
+    )
+    serve.add_argument("--verbose", action="store_true", help="show gRPC's own log lines")
     serve.add_argument("--resume", metavar="DIR", help="continue a server from its directory")
     serve.set_defaults(func=cmd_serve)
 
@@ -413,6 +433,7 @@ def _client_flags(parser: argparse.ArgumentParser, required: bool) -> None:
     parser.add_argument(
         "--step-timeout", type=float, default=3600.0, help="seconds one server reply may take"
     )
+    parser.add_argument("--verbose", action="store_true", help="show gRPC's own log lines")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

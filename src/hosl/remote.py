@@ -18,6 +18,7 @@ journal does not keep: an `fo` client can only continue from the server's exact 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ from hosl.dtypes import DTYPES
 from hosl.errors import ConfigError, HoslError
 from hosl.models.loading import load_pretrained
 from hosl.models.split import split_model
+from hosl.transport.address import split_address
 from hosl.transport.base import WireStats
 from hosl.transport.grpc_client import GrpcTransport
 from hosl.transport.handshake import identity_for
@@ -57,6 +59,15 @@ class RemoteOptions:
     tls_ca: str | None = None  # PEM root certificate that signed the server's (implies TLS)
     reconnect_timeout: float = 120.0  # how long to wait for a server that is down or restarting
     step_timeout: float = 3600.0  # how long one reply may take (a slow CPU server is not dead)
+
+    def __post_init__(self) -> None:
+        split_address(self.address)
+        if not 0 <= self.reconnect_timeout < math.inf:
+            raise ConfigError(
+                f"--reconnect-timeout {self.reconnect_timeout}: must be 0 or more seconds"
+            )
+        if not 0 < self.step_timeout < math.inf:
+            raise ConfigError(f"--step-timeout {self.step_timeout}: must be more than 0 seconds")
 
 
 def run_fingerprint(cfg: TrainConfig) -> dict[str, Any]:

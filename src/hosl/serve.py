@@ -36,13 +36,18 @@ from hosl.models.loading import load_pretrained
 from hosl.models.split import num_layers, split_model
 from hosl.parties.server import ServerParty
 from hosl.rundir import check_empty, claim_dir, stamp
+from hosl.transport.address import bind_problem, check_port, resolve_host
 from hosl.transport.framing import grpc_options
 from hosl.transport.grpc_server import ServerState, SplitServicer
+from hosl.transport.guard import ModelBounds
 from hosl.transport.handshake import identity_for
 from hosl.transport.ledger import Journal, StepLedger
 from hosl.transport.security import TokenInterceptor, is_loopback, server_credentials
 
 SHUTDOWN_GRACE_S = 5.0
+LOGGER = "hosl.serve"
+MAX_CONCURRENT_RPCS = 16
+MAX_FRAME_MB = 1 << 14  # 16 GiB: far above any activation, far below a typo's petabytes
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,17 @@ class ServeOptions:
     tls_cert: str | None = None
     tls_key: str | None = None
     max_frame_mb: int = 1024  # the largest message (one activation tensor) accepted
+    hello_timeout: float = 10.0  # a stream that sends no hello this long is closed
+    idle_timeout: float = 900.0  # a session silent this long ends and frees the server
+
+    def __post_init__(self) -> None:
+        check_port(self.port, "--port", allow_any=True)
+        if isinstance(self.max_frame_mb, bool) or not 1 <= self.max_frame_mb <= MAX_FRAME_MB:
+            raise ConfigError(f"--max-frame-mb {self.max_frame_mb}: must be 1..{MAX_FRAME_MB}")
+        timeouts = {"hello timeout": self.hello_timeout, "--idle-timeout": self.idle_timeout}
+        for flag, value in timeouts.items():
+            if not 0 < value < float("inf"):
+                raise ConfigError(f"{flag} {value}: must be a positive number of seconds")
 
 
 def _run_dir(cfg: TrainConfig, resume_dir: Path | None, *, create: bool = False) -> Path | None:
@@ -60,7 +76,10 @@ def _run_dir(cfg: TrainConfig, resume_dir: Path | None, *, create: bool = False)
     if resume_dir is not None:
         return resume_dir
     if cfg.output:
-        path = check_empty(Path(cfg.output), "server directory")
+        path = Path(cfg.output)
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"--output {path} is a file; give a directory for the server's run")
+        check_empty(path, "server directory")
         if create:
             path.mkdir(parents=True, exist_ok=True)
         return path
@@ -68,8 +87,50 @@ def _run_dir(cfg: TrainConfig, resume_dir: Path | None, *, create: bool = False)
     return claim_dir(Path("runs"), f"serve-{cfg.mode}-{stamp()}") if create else None
 
 
+def _check_listen(opts: ServeOptions) -> None:
+    """Refuse, before the model loads, an address the server cannot or must not listen on."""
+    if opts.token is None and not is_loopback(opts.host):
+        raise ConfigError(
+            f"refusing to listen on {opts.host} without a token: give --token-file or HOSL_TOKEN "
+            "(or listen on 127.0.0.1)"
+        )
+    resolve_host(opts.host)
+    problem = bind_problem(opts.host, opts.port)
+    if problem:
+        raise ConfigError(f"cannot listen on {opts.host}:{opts.port}: {problem}")
+
+
+def _bind(
+    opts: ServeOptions, credentials: grpc.ServerCredentials | None, log: logging.Logger
+) -> tuple[grpc.Server, int]:
+    """A gRPC server bound to the address (not started yet, no handlers): nothing is written
+    before this succeeds, so a failed start leaves --output as it was."""
+    interceptors = [TokenInterceptor(opts.token, log)] if opts.token else []
+    server = grpc.server(
+        # a worker for every admitted call: silent streams cannot starve a real client of threads
+        futures.ThreadPoolExecutor(max_workers=MAX_CONCURRENT_RPCS),
+        interceptors=interceptors,
+        options=grpc_options(server=True),
+        maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
+    )
+    address = f"{opts.host}:{opts.port}"
+    try:
+        port = (
+            server.add_secure_port(address, credentials)
+            if credentials is not None
+            else server.add_insecure_port(address)
+        )
+    except RuntimeError:
+        port = 0
+    if not port:
+        server.stop(0)
+        problem = bind_problem(opts.host, opts.port) or "gRPC could not bind it"
+        raise ConfigError(f"cannot listen on {address}: {problem}")
+    return server, port
+
+
 def _logger(run_dir: Path) -> logging.Logger:
-    log = logging.getLogger("hosl.serve")
+    log = logging.getLogger(LOGGER)
     log.setLevel(logging.INFO)
     log.propagate = False
     for handler in list(log.handlers):
@@ -108,16 +169,17 @@ def serve(
     stop: threading.Event | None = None,
 ) -> int:
     """Run the server until `stop` is set or SIGTERM/SIGINT arrives; returns the committed step."""
-    if opts.token is None and not is_loopback(opts.host):
-        raise ConfigError(
-            f"refusing to listen on {opts.host} without a token: give --token-file or HOSL_TOKEN "
-            "(or listen on 127.0.0.1)"
-        )
+    _check_listen(opts)
     credentials = server_credentials(opts.tls_cert, opts.tls_key)
     _run_dir(cfg, resume_dir)  # a non-empty --output is refused before the model loads
     torch.manual_seed(cfg.seed)
     party, config, hidden_size = build_server_party(cfg)
-    run_dir = _run_dir(cfg, resume_dir, create=True)
+    server, port = _bind(opts, credentials, logging.getLogger(LOGGER))
+    try:
+        run_dir = _run_dir(cfg, resume_dir, create=True)
+    except BaseException:
+        server.stop(0)
+        raise
     assert run_dir is not None
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     log = _logger(run_dir)
@@ -169,28 +231,16 @@ def serve(
         on_session_end=lambda: checkpoint("session ended"),
         frame_limit=opts.max_frame_mb << 20,
         run_fingerprint=fingerprint,
+        bounds=ModelBounds(
+            max_positions=getattr(config, "max_position_embeddings", None),
+            vocab_size=getattr(config, "vocab_size", None),
+        ),
+        hello_timeout=opts.hello_timeout,
+        idle_timeout=opts.idle_timeout,
     )
-    interceptors = [TokenInterceptor(opts.token, log)] if opts.token else []
     if not opts.token:
         log.warning("no token given: any client that reaches %s may train this model", opts.host)
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=8),
-        handlers=[SplitServicer(state).handler()],
-        interceptors=interceptors,
-        options=grpc_options(server=True),
-        maximum_concurrent_rpcs=16,
-    )
-    address = f"{opts.host}:{opts.port}"
-    try:
-        port = (
-            server.add_secure_port(address, credentials)
-            if credentials is not None
-            else server.add_insecure_port(address)
-        )
-    except RuntimeError:
-        port = 0
-    if not port:
-        raise ConfigError(f"cannot listen on {address}: is the port in use?")
+    server.add_generic_rpc_handlers([SplitServicer(state).handler()])
     server.start()
     scheme = "TLS" if credentials is not None else "plain TCP"
     (run_dir / "server.json").write_text(

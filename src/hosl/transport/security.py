@@ -12,6 +12,7 @@ from __future__ import annotations
 import hmac
 import logging
 import os
+import ssl
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,12 +31,26 @@ def load_token(token_file: str | None) -> str | None:
         path = Path(token_file)
         if not path.is_file():
             raise ConfigError(f"--token-file {path}: no such file")
-        token = path.read_text().strip()
+        try:
+            token = path.read_bytes().decode("ascii").strip()
+        except UnicodeDecodeError:
+            raise ConfigError(f"--token-file {path}: {_TOKEN_RULE}") from None
         if not token:
             raise ConfigError(f"--token-file {path} is empty; write the shared token into it")
-        return token
+        return check_token(token, f"--token-file {path}")
     token = os.environ.get(TOKEN_ENV, "").strip()
-    return token or None
+    return check_token(token, TOKEN_ENV) if token else None
+
+
+# gRPC metadata values are printable ASCII: a server that accepted any other token could never be
+# reached, as no client can send it.
+_TOKEN_RULE = "a token must be printable ASCII on one line (e.g. secrets.token_hex(32))"
+
+
+def check_token(token: str, source: str) -> str:
+    if not all(" " <= ch <= "~" for ch in token):
+        raise ConfigError(f"{source}: {_TOKEN_RULE}")
+    return token
 
 
 def call_metadata(token: str | None) -> list[tuple[str, str]]:
@@ -90,8 +105,25 @@ def server_credentials(
     for flag, path in (("--tls-cert", cert_file), ("--tls-key", key_file)):
         if not Path(path).is_file():
             raise ConfigError(f"{flag} {path}: no such file")
+    _check_pair(cert_file, key_file)
     pair = (Path(key_file).read_bytes(), Path(cert_file).read_bytes())
     return grpc.ssl_server_credentials([pair])
+
+
+def _check_pair(cert_file: str, key_file: str) -> None:
+    """gRPC reports a bad certificate or key only as a failed bind; say what is wrong instead."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(cert_file, key_file)
+    except ssl.SSLError as err:
+        reason = err.reason or str(err)
+        if "KEY_VALUES_MISMATCH" in reason:
+            what = "the key does not belong to the certificate"
+        else:
+            what = f"not a PEM certificate chain and its private key ({reason})"
+        raise ConfigError(f"--tls-cert {cert_file} / --tls-key {key_file}: {what}") from None
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"--tls-cert {cert_file} / --tls-key {key_file}: {err}") from None
 
 
 def channel_credentials(ca_file: str | None, use_tls: bool) -> grpc.ChannelCredentials | None:
@@ -100,6 +132,11 @@ def channel_credentials(ca_file: str | None, use_tls: bool) -> grpc.ChannelCrede
         return None
     if ca_file and not Path(ca_file).is_file():
         raise ConfigError(f"--tls-ca {ca_file}: no such file")
+    if ca_file:
+        try:
+            ssl.create_default_context(cafile=ca_file)
+        except (ssl.SSLError, ValueError) as err:
+            raise ConfigError(f"--tls-ca {ca_file}: not a PEM certificate ({err})") from None
     return grpc.ssl_channel_credentials(Path(ca_file).read_bytes() if ca_file else None)
 
 
