@@ -116,7 +116,10 @@ def build_run(
         fo_optimizer(cfg, client_part.parameters()) if cfg.mode == "fo" else (None, None)
     )
     # A streaming transport sends each perturbed activation as its forward pass ends.
-    client = ClientParty(client_part, client_opt, client_sched, lazy_pairs=transport is not None)
+    client = ClientParty(
+        client_part, client_opt, client_sched, lazy_pairs=transport is not None,
+        row_sparse=cfg.zo.embedding_noise == "batch",
+    )
     server = None
     if transport is None:
         server_opt, server_sched = (

@@ -27,6 +27,9 @@ MODES = (*SPLIT_MODES, "fo-full", "zo-full")
 # How the hosl client's projected gradients are read: `losses`, the paper's 2Q server losses, or
 # `cut-grad`, ⟨∂L/∂h, h⁺ − h⁻⟩/2ε from the server's one ∂L/∂h at the clean h.
 ESTIMATORS = ("losses", "cut-grad")
+# Where an embedding's z is drawn for the update: on every row, or on the rows the step's batch
+# looked up (the gradient is zero on the others, so the estimate stays unbiased; see README).
+EMBEDDING_NOISE = ("all", "batch")
 # Built-in evaluation splits are sampled to this many examples unless data.eval_examples says
 # otherwise; a user's --eval-file is read whole and in order.
 DEFAULT_EVAL_EXAMPLES = 500
@@ -66,6 +69,7 @@ class ZoConfig:
     # model's in zo-full. 1e-4 won the ZO rate search (experiments/lr_zo.yaml).
     lr: float = 1e-4
     estimator: str = "losses"  # hosl only: see ESTIMATORS
+    embedding_noise: str = "all"  # hosl only: see EMBEDDING_NOISE
 
 
 @dataclass(frozen=True)
@@ -218,6 +222,17 @@ def validate(cfg: TrainConfig) -> None:
             cfg.zo.estimator == "losses" or cfg.mode == "hosl",
             f"zo.estimator cut-grad needs mode hosl (a ZO client and a server that backpropagates "
             f"to the cut), not {cfg.mode}",
+        ),
+        (
+            cfg.zo.embedding_noise in EMBEDDING_NOISE,
+            f"zo.embedding_noise must be one of {', '.join(EMBEDDING_NOISE)}, "
+            f"got {cfg.zo.embedding_noise!r}",
+        ),
+        (
+            cfg.zo.embedding_noise == "all" or cfg.mode == "hosl",
+            f"zo.embedding_noise batch needs mode hosl, where the client's embedding is only "
+            f"looked up; in {cfg.mode} the ZO side also perturbs the output head, which reads "
+            "every row of a tied embedding, so its gradient is not zero off the batch's rows",
         ),
         (
             cfg.optim.lr > 0,

@@ -37,15 +37,15 @@ METRICS = (
 )
 # Config keys a mode never reads. Blanking them keeps an unused value (the base's zo.lr in an
 # `fo` run, say) from looking like a difference between runs in plots and labels.
-_ZO_KEYS = ("zo.q", "zo.eps", "zo.lr", "zo.estimator")
+_ZO_KEYS = ("zo.q", "zo.eps", "zo.lr", "zo.estimator", "zo.embedding_noise")
 _FO_KEYS = ("optim.optimizer", "optim.lr", "optim.momentum", "optim.weight_decay")
 UNUSED_KEYS: dict[str, tuple[str, ...]] = {
     "hosl": (),
     "fo": _ZO_KEYS,
-    "zo": (*_FO_KEYS, "zo.estimator"),
+    "zo": (*_FO_KEYS, "zo.estimator", "zo.embedding_noise"),
     "frozen": _ZO_KEYS,
     "fo-full": (*_ZO_KEYS, "model.split_layer"),
-    "zo-full": (*_FO_KEYS, "model.split_layer", "zo.estimator"),
+    "zo-full": (*_FO_KEYS, "model.split_layer", "zo.estimator", "zo.embedding_noise"),
 }
 
 

@@ -79,9 +79,12 @@ class ClientParty(PartyState):
         optimizer: torch.optim.Optimizer | None = None,
         scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
         lazy_pairs: bool = False,
+        row_sparse: bool = False,
     ) -> None:
         self.part = part.eval()  # dropout stays off: ZO differences must see one function
         self.zo = ZoTarget(part)
+        if row_sparse:  # embeddings' z only on the rows each perturbation's batch looked up
+            self.zo.track_rows()
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.lazy_pairs = lazy_pairs  # see LazyDeltas: for transports that stream each activation
@@ -122,7 +125,7 @@ class ClientParty(PartyState):
         self, seeds_and_coefs: Sequence[tuple[int, float]], lr: float, weight_decay: float = 0.0
     ) -> None:
         with self.phase("update"):
-            apply_zo_update_(self.zo, seeds_and_coefs, lr, weight_decay)
+            apply_zo_update_(self.zo, seeds_and_coefs, lr, weight_decay, self.zo.take_rows())
 
     # First-order split (mode `fo`) -------------------------------------------------------------
 

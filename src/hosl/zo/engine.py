@@ -67,6 +67,27 @@ class ZoTarget:
             for m in module.modules()
             if isinstance(m, nn.Embedding) and id(m.weight) in self._name_of
         }
+        # Row-sparse noise (`track_rows`): the rows each perturbation's forwards looked up,
+        # {seed: {name: sorted unique row ids}}; the update then draws z on those rows only.
+        self.rows_seen: dict[int, dict[str, torch.Tensor]] | None = None
+
+    def track_rows(self) -> None:
+        """From now on, record the rows each perturbed forward looks up (see `rows_seen`)."""
+        self.rows_seen = {}
+
+    def note_rows(self, seed: int, name: str, rows: torch.Tensor) -> None:
+        if self.rows_seen is None:
+            return  # not tracking: every row of z is drawn in the update
+        seen = self.rows_seen.setdefault(seed, {})
+        previous = seen.get(name)
+        seen[name] = rows if previous is None else torch.cat([previous, rows]).unique()
+
+    def take_rows(self) -> dict[int, dict[str, torch.Tensor]] | None:
+        """The rows recorded since the last call (None when not tracking), and forget them."""
+        if self.rows_seen is None:
+            return None
+        taken, self.rows_seen = self.rows_seen, {}
+        return taken
 
     def noise(self, name: str, param: torch.Tensor, seed: int) -> torch.Tensor:
         """The whole z of one named tensor under `seed` (float32)."""
@@ -110,7 +131,8 @@ def PerturbedForward(  # noqa: N802
     handles = []
     for module, owned in target.owners():
         if _looks_up_rows(module, owned, target):
-            handles.append(module.register_forward_hook(_add_row_noise(owned[0][1], seed, scale)))
+            hook = _add_row_noise(target, owned[0][1], seed, scale)
+            handles.append(module.register_forward_hook(hook))
             continue
         stash: dict[str, nn.Parameter] = {}
 
@@ -151,8 +173,9 @@ def _looks_up_rows(module: nn.Module, owned: list[tuple[str, str]], target: ZoTa
     )
 
 
-def _add_row_noise(name: str, seed: int | None, scale: float):  # noqa: ANN202
-    """Forward hook: (θ + scale·z)[ids] computed as θ[ids] + scale·z[ids], z drawn for ids only."""
+def _add_row_noise(target: ZoTarget, name: str, seed: int | None, scale: float):  # noqa: ANN202
+    """Forward hook: (θ + scale·z)[ids] computed as θ[ids] + scale·z[ids], z drawn for ids only.
+    The rows are noted in `target` (when it tracks them) for a row-sparse update."""
 
     def hook(mod: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
         dtype = compute_dtype(out.dtype)
@@ -160,6 +183,7 @@ def _add_row_noise(name: str, seed: int | None, scale: float):  # noqa: ANN202
             return out.to(dtype)                                     # (B, L, d)
         ids = args[0]                                                # (B, L) token ids
         rows, where = torch.unique(ids, return_inverse=True)         # (U,), (B, L)
+        target.note_rows(seed, name, rows)
         z = row_noise(mod.weight, seed, name, rows).to(dtype)        # (U, d)
         return z.mul_(scale)[where].add_(out)                        # (B, L, d)
 
@@ -178,17 +202,27 @@ def apply_zo_update_(
     seeds_and_coefs: Sequence[tuple[int, float]],
     lr: float,
     weight_decay: float = 0.0,
+    rows: dict[int, dict[str, torch.Tensor]] | None = None,
 ) -> None:
     """θ −= lr · (Σ_i c_i · z_i + wd · θ), z_i regenerated from seed_i one tensor at a time.
 
     `c_i` is the projected gradient already divided by the number of estimates it is averaged over
     (Q pairs times accumulated micro-batches), so this equals SGD on ĝ = Σ_i c_i z_i. A bf16
     tensor is updated in float32 and stochastically rounded back (see the module docstring).
+
+    `rows` (row-sparse noise, see `ZoTarget.rows_seen`): z_i of a tensor named there is zero
+    outside the rows seed_i's forwards looked up, so only those rows move, weight decay included
+    (as sparse optimizers do).
     """
     if not seeds_and_coefs:
         return
     round_seed = tensor_seed(seeds_and_coefs[0][0], "stochastic rounding")
+    sparse = {name for per_seed in (rows or {}).values() for name in per_seed}
     for name, param in target.named:
+        if name in sparse:
+            assert rows is not None
+            _update_rows_(param, name, seeds_and_coefs, lr, weight_decay, rows, round_seed)
+            continue
         rows = param.shape[0] if param.dim() else 1
         width = param[0].numel() if param.dim() else 1
         exact = param.dtype == compute_dtype(param.dtype)  # float32 or float64: no rounding
@@ -208,6 +242,35 @@ def apply_zo_update_(
             if not exact:
                 dither = _noise_rows(param, round_seed, name, span, chunk == rows)
                 block.copy_(_stochastic_round(work, dither, block.dtype))
+
+
+def _update_rows_(
+    param: torch.Tensor,
+    name: str,
+    seeds_and_coefs: Sequence[tuple[int, float]],
+    lr: float,
+    weight_decay: float,
+    rows: dict[int, dict[str, torch.Tensor]],
+    round_seed: int,
+) -> None:
+    """The row-sparse update of one (V, d) matrix: O(rows × d), never O(V × d)."""
+    looked_up = [rows.get(seed, {}).get(name) for seed, _ in seeds_and_coefs]
+    touched = torch.cat([r for r in looked_up if r is not None]).unique()  # (R,) sorted
+    if touched.numel() == 0:
+        return
+    exact = param.dtype == compute_dtype(param.dtype)
+    work = param[touched].to(compute_dtype(param.dtype))  # (R, d): a copy
+    if weight_decay:
+        work.mul_(1.0 - lr * weight_decay)
+    for (seed, coef), seed_rows in zip(seeds_and_coefs, looked_up):
+        if seed_rows is None:
+            continue
+        where = torch.searchsorted(touched, seed_rows)  # positions of this seed's rows in work
+        z = row_noise(param, seed, name, seed_rows).to(work.dtype)  # (r, d)
+        work.index_add_(0, where, z, alpha=-lr * coef)
+    if not exact:
+        work = _stochastic_round(work, row_noise(param, round_seed, name, touched), param.dtype)
+    param.index_copy_(0, touched, work.to(param.dtype))
 
 
 def _noise_rows(
