@@ -5,11 +5,14 @@ messages. Each gRPC message starts with one tag byte:
 
     0x00  a whole frame        0x01  a chunk, more follow        0x02  the last chunk
 
-Frames above `CHUNK_BYTES` (16 MiB) are cut into chunks, so gRPC's own per-message limit can stay
+Frames above `CHUNK_BYTES` (1 MiB) are cut into chunks, so gRPC's own per-message limit can stay
 small and fixed on both sides (`grpc_options`) whatever the batch size: a 300 MB activation of a
-large batch crosses as twenty chunks. The reassembler refuses a frame as soon as its running size
-passes the limit, before it keeps any more of it, so a hostile stream of chunks cannot make the
-receiver allocate more than the limit.
+large batch crosses as 300 chunks. gRPC receives a whole message before hosl sees any of it, so
+this limit is also what a stream that has not said hello yet can make the server hold: with
+16 MiB chunks, four such streams of chunks took a server's peak RSS up by 330 MiB; with 1 MiB
+chunks the same attack is refused after 1 MiB each. The reassembler refuses a frame as soon as its
+running size passes the limit, before it keeps any more of it, so a hostile stream of chunks
+cannot make the receiver allocate more than the limit.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from dataclasses import dataclass, field
 
 from hosl.transport.codec import CodecError
 
-CHUNK_BYTES = 16 << 20  # the largest gRPC message hosl sends
+CHUNK_BYTES = 1 << 20  # the largest gRPC message hosl sends
 # gRPC's per-message limit on both sides: a chunk plus its tag byte, with headroom for a
 # (small) control frame never being chunked at a slightly different boundary.
 GRPC_MESSAGE_LIMIT = CHUNK_BYTES + (64 << 10)
@@ -121,7 +124,8 @@ class Reassembler:
     def feed(self, message: bytes) -> bytes | None:
         if not message:
             raise CodecError("empty gRPC message: every frame starts with a tag byte")
-        tag, body = message[0], message[1:]
+        # a view, not a copy: a refused message costs nothing beyond what gRPC already holds
+        tag, body = message[0], memoryview(message)[1:]
         if tag not in (WHOLE, MORE, LAST):
             raise CodecError(f"unknown frame tag {tag}")
         if tag == WHOLE:
