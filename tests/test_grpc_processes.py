@@ -41,10 +41,13 @@ def _env(token: str | None = None) -> dict[str, str]:
 
 
 def _hosl(*args: str, token: str | None = None, log: Path | None = None) -> subprocess.Popen:
-    out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 (closed with the process)
-    return subprocess.Popen(
-        [sys.executable, "-m", "hosl.cli", *args], env=_env(token), stdout=out, stderr=out
-    )
+    command = [sys.executable, "-m", "hosl.cli", *args]
+    if log is None:
+        return subprocess.Popen(command, env=_env(token), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+    # The child writes through its own copy of the descriptor; ours is closed at once.
+    with open(log, "ab") as out:
+        return subprocess.Popen(command, env=_env(token), stdout=out, stderr=out)
 
 
 def _wait(predicate: Callable[[], bool], what: str, timeout: float = DEADLINE_S) -> None:
