@@ -182,3 +182,21 @@ def test_a_failed_serve_start_prints_one_line_without_grpc_logs(tiny_model_dir, 
         "(another hosl serve?)"
     ]
     assert not out.exists()
+
+
+def test_a_client_says_it_is_waiting_for_a_closed_port(
+    tiny_model_dir, sentiment_files, tmp_path, capsys
+) -> None:
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    argv = _client_args(
+        tiny_model_dir, sentiment_files, tmp_path / "c", "--server", f"127.0.0.1:{port}",
+        "--reconnect-timeout", "1",
+    )
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith(f"hosl: waiting up to 1 s for the server at 127.0.0.1:{port}")
+    assert err[-1].startswith(f"hosl: error: cannot reach the hosl server at 127.0.0.1:{port} "
+                              "after 1 s (--reconnect-timeout)")
+    assert len(err) == 2
