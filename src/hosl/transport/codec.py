@@ -94,10 +94,14 @@ def _check_meta(meta: Any, payload_len: int, limits: Limits) -> tuple[str, torch
         not isinstance(shape, list)
         or len(shape) > limits.max_dims
         or not all(_is_size(d, limits.max_message_bytes) for d in shape)
-        # zero-size tensors too: torch computes strides over every dimension, which overflow
-        or math.prod(max(d, 1) for d in shape) > limits.max_message_bytes
     ):
         raise CodecError(f"tensor {name!r:.80} has a bad shape {shape!r:.80}")
+    # zero-size tensors too: torch computes strides over every dimension, which overflow
+    if math.prod(max(d, 1) for d in shape) > limits.max_message_bytes:
+        raise CodecError(
+            f"tensor {name!r:.80}: the elements of shape {shape} do not fit the limit of "
+            f"{limits.max_message_bytes} bytes"
+        )
     if not _is_size(offset, limits.max_message_bytes) or not _is_size(
         nbytes, limits.max_message_bytes
     ):
