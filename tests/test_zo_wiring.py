@@ -236,7 +236,8 @@ def test_zo_over_a_split_equals_zo_full(tokenizer, k) -> None:
         batches = _batches(tokenizer, step, 1)
         split_loss = split_run.train_step(batches, step)
         full_loss = full_run.train_step(batches, step)
-        assert split_loss == pytest.approx(full_loss, abs=1e-6)
+        # 1e-6 held at two torch threads and missed by 1.7e-6 at one (another reduction order)
+        assert split_loss == pytest.approx(full_loss, abs=5e-6)
     # Equal up to float rounding: the split rebuilds h⁻ as h⁺ + (h⁻ − h⁺), which moves each loss
     # by ~1e-7, each g by ~1e-7 / 2ε. Parameters move by ~0.2 here; shared noise moved them apart
     # by as much.
