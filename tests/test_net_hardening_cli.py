@@ -34,16 +34,29 @@ def _serve_args(model: Path, out: Path, *extra: str) -> list[str]:
 
 def _client_args(model: Path, files: tuple[Path, Path], out: Path, *extra: str) -> list[str]:
     return [
-        "client", "--model", str(model), "--task", "sst2", "--train-file", str(files[0]),
-        "--eval-file", str(files[1]), "--split-layer", "1", "--output", str(out), *extra,
+        "client",
+        "--model",
+        str(model),
+        "--task",
+        "sst2",
+        "--train-file",
+        str(files[0]),
+        "--eval-file",
+        str(files[1]),
+        "--split-layer",
+        "1",
+        "--output",
+        str(out),
+        *extra,
     ]
 
 
 @pytest.fixture
 def served_port() -> int:
     """A port a gRPC server with hosl's server options listens on, for the test's duration."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1),
-                         options=grpc_options(server=True))
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=1), options=grpc_options(server=True)
+    )
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     yield port
@@ -51,8 +64,9 @@ def served_port() -> int:
 
 
 def test_a_second_server_cannot_share_a_port(served_port) -> None:
-    second = grpc.server(futures.ThreadPoolExecutor(max_workers=1),
-                         options=grpc_options(server=True))
+    second = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=1), options=grpc_options(server=True)
+    )
     try:
         bound = second.add_insecure_port(f"127.0.0.1:{served_port}")
     except RuntimeError:
@@ -130,8 +144,13 @@ def test_an_unusable_token_is_refused_on_both_sides(
     serve = _serve_args(tiny_model_dir, tmp_path / "s", "--token-file", str(token))
     assert "a token must be printable ASCII on one line" in _error(capsys, serve)
     client = _client_args(
-        tiny_model_dir, sentiment_files, tmp_path / "c", "--server", "127.0.0.1:5",
-        "--token-file", str(token),
+        tiny_model_dir,
+        sentiment_files,
+        tmp_path / "c",
+        "--server",
+        "127.0.0.1:5",
+        "--token-file",
+        str(token),
     )
     assert "a token must be printable ASCII on one line" in _error(capsys, client)
 
@@ -174,7 +193,10 @@ def test_a_failed_serve_start_prints_one_line_without_grpc_logs(tiny_model_dir, 
         args = _serve_args(tiny_model_dir, out, "--port", str(port))[1:]
         done = subprocess.run(
             [sys.executable, "-m", "hosl.cli", "serve", *args],
-            env=_env(), capture_output=True, text=True, timeout=120,
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
@@ -191,12 +213,19 @@ def test_a_client_says_it_is_waiting_for_a_closed_port(
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     argv = _client_args(
-        tiny_model_dir, sentiment_files, tmp_path / "c", "--server", f"127.0.0.1:{port}",
-        "--reconnect-timeout", "1",
+        tiny_model_dir,
+        sentiment_files,
+        tmp_path / "c",
+        "--server",
+        f"127.0.0.1:{port}",
+        "--reconnect-timeout",
+        "1",
     )
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[0].startswith(f"hosl: waiting up to 1 s for the server at 127.0.0.1:{port}")
-    assert err[-1].startswith(f"hosl: error: cannot reach the hosl server at 127.0.0.1:{port} "
-                              "after 1 s (--reconnect-timeout)")
+    assert err[-1].startswith(
+        f"hosl: error: cannot reach the hosl server at 127.0.0.1:{port} "
+        "after 1 s (--reconnect-timeout)"
+    )
     assert len(err) == 2
