@@ -44,6 +44,12 @@ TRAIN_FLAGS: dict[str, tuple[str, type, str]] = {
         "how the hosl client reads its projected gradients: losses (2Q server losses) | "
         "cut-grad (one dL/dh from the server, the same derivative up to O(eps^2))",
     ),
+    "--embedding-noise": (
+        "zo.embedding_noise",
+        str,
+        "where the hosl client draws its embeddings' noise for the update: all (every row) | "
+        "batch (the rows the step's batch looked up: the gradient is zero elsewhere)",
+    ),
     "--zo-lr": (
         "zo.lr",
         float,
