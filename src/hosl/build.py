@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -14,7 +15,9 @@ from hosl.algos.split_modes import SPLIT_STEPS, SplitRunner, run_concurrently, r
 from hosl.batching import Batch
 from hosl.config import TrainConfig
 from hosl.dtypes import DTYPES
+from hosl.fused_sgd import FusedSgd
 from hosl.master_weights import MasterWeights
+from hosl.models.blocks import use_checkpointing
 from hosl.models.split import split_model, unsplit_model
 from hosl.optim import build_optimizer, build_scheduler, lr_factor
 from hosl.parties.client import ClientParty
@@ -86,6 +89,25 @@ def fo_optimizer(cfg: TrainConfig, params: Any) -> tuple[Any, Any]:
     return opt, build_scheduler(opt, cfg.steps, cfg.optim.schedule)
 
 
+def fo_client(cfg: TrainConfig, part: torch.nn.Module) -> tuple[Any, Any, FusedSgd | None]:
+    """(optimizer, schedule, fused update) of an `fo` client, from `client.*` over `optim.*`."""
+    if cfg.client.checkpointing:
+        use_checkpointing(part)
+    optim = dataclasses.replace(
+        cfg.optim,
+        optimizer=cfg.client.optimizer or cfg.optim.optimizer,
+        lr=cfg.client.lr if cfg.client.lr is not None else cfg.optim.lr,
+    )
+    if cfg.client.fused_update:
+
+        def lr_at(step: int) -> float:
+            return optim.lr * lr_factor(step, cfg.steps, optim.schedule)
+
+        return None, None, FusedSgd(part, lr_at, optim.weight_decay)
+    opt, sched = fo_optimizer(dataclasses.replace(cfg, optim=optim), part.parameters())
+    return opt, sched, None
+
+
 def build_run(
     cfg: TrainConfig, model: PreTrainedModel, transport: Transport | None = None
 ) -> Run:
@@ -112,13 +134,13 @@ def build_run(
         return Run(mode=cfg.mode, runner=runner, step_fn=FULL_STEPS[cfg.mode])
 
     client_part, server_part = split_model(model, cfg.model.split_layer)
-    client_opt, client_sched = (
-        fo_optimizer(cfg, client_part.parameters()) if cfg.mode == "fo" else (None, None)
+    client_opt, client_sched, fused = fo_client(cfg, client_part) if cfg.mode == "fo" else (
+        None, None, None
     )
     # A streaming transport sends each perturbed activation as its forward pass ends.
     client = ClientParty(
         client_part, client_opt, client_sched, lazy_pairs=transport is not None,
-        row_sparse=cfg.zo.embedding_noise == "batch",
+        row_sparse=cfg.zo.embedding_noise == "batch", fused=fused,
     )
     server = None
     if transport is None:

@@ -84,6 +84,16 @@ class OptimConfig:
 
 
 @dataclass(frozen=True)
+class ClientConfig:
+    """The `fo` client's own choices: what a memory-conscious first-order client reaches for."""
+
+    optimizer: str | None = None  # None: optim.optimizer (the server's)
+    lr: float | None = None  # None: optim.lr
+    checkpointing: bool = False  # recompute each block's activations in the backward
+    fused_update: bool = False  # step each tensor as its gradient arrives (needs sgd, no accum)
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     mode: str = "hosl"
     steps: int = 100
@@ -100,6 +110,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     zo: ZoConfig = field(default_factory=ZoConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    client: ClientConfig = field(default_factory=ClientConfig)
 
 
 class _Loader(yaml.SafeLoader):
@@ -233,6 +244,27 @@ def validate(cfg: TrainConfig) -> None:
             f"zo.embedding_noise batch needs mode hosl, where the client's embedding is only "
             f"looked up; in {cfg.mode} the ZO side also perturbs the output head, which reads "
             "every row of a tied embedding, so its gradient is not zero off the batch's rows",
+        ),
+        (
+            cfg.client.optimizer is None or cfg.client.optimizer in OPTIMIZERS,
+            f"client.optimizer must be one of {', '.join(OPTIMIZERS)}, "
+            f"got {cfg.client.optimizer!r}",
+        ),
+        (cfg.client.lr is None or cfg.client.lr > 0, "client.lr must be > 0"),
+        (
+            cfg.mode == "fo" or cfg.client == ClientConfig(),
+            f"client.* configures the first-order client of mode fo; mode {cfg.mode} has none",
+        ),
+        (
+            not cfg.client.fused_update
+            or (cfg.client.optimizer or cfg.optim.optimizer) == "sgd",
+            "client.fused_update needs client.optimizer sgd: a tensor's step may use nothing but "
+            "its own gradient (no optimizer state)",
+        ),
+        (
+            not cfg.client.fused_update or cfg.grad_accum == 1,
+            "client.fused_update steps each tensor during the backward: it cannot accumulate "
+            "micro-batches (grad_accum must be 1)",
         ),
         (
             cfg.optim.lr > 0,

@@ -39,13 +39,15 @@ METRICS = (
 # `fo` run, say) from looking like a difference between runs in plots and labels.
 _ZO_KEYS = ("zo.q", "zo.eps", "zo.lr", "zo.estimator", "zo.embedding_noise")
 _FO_KEYS = ("optim.optimizer", "optim.lr", "optim.momentum", "optim.weight_decay")
+_CLIENT_KEYS = ("client.optimizer", "client.lr", "client.checkpointing", "client.fused_update")
 UNUSED_KEYS: dict[str, tuple[str, ...]] = {
-    "hosl": (),
+    "hosl": _CLIENT_KEYS,
     "fo": _ZO_KEYS,
-    "zo": (*_FO_KEYS, "zo.estimator", "zo.embedding_noise"),
-    "frozen": _ZO_KEYS,
-    "fo-full": (*_ZO_KEYS, "model.split_layer"),
-    "zo-full": (*_FO_KEYS, "model.split_layer", "zo.estimator", "zo.embedding_noise"),
+    "zo": (*_FO_KEYS, "zo.estimator", "zo.embedding_noise", *_CLIENT_KEYS),
+    "frozen": (*_ZO_KEYS, *_CLIENT_KEYS),
+    "fo-full": (*_ZO_KEYS, "model.split_layer", *_CLIENT_KEYS),
+    "zo-full": (*_FO_KEYS, "model.split_layer", "zo.estimator", "zo.embedding_noise",
+                *_CLIENT_KEYS),
 }
 
 

@@ -160,6 +160,7 @@ def frozen_step(run: SplitRunner, micro_batches: Sequence[Batch], step: int) -> 
 
 
 def fo_step(run: SplitRunner, micro_batches: Sequence[Batch], step: int) -> float:
+    run.client.start_step(step)
     losses: list[float] = []
     last = len(micro_batches) - 1
     for m, batch in enumerate(micro_batches):

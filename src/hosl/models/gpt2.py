@@ -34,10 +34,13 @@ class GPT2Blocks(nn.Module):
     def __init__(self, config: PretrainedConfig, blocks: list[nn.Module]) -> None:
         super().__init__()
         self.config = config
+        self.checkpointing = False  # see `call_block`
         self.h = nn.ModuleList(blocks)
 
     def forward(self, hidden: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
-        return run_causal_blocks(self.config, self.h, hidden, attention_mask, position_ids)
+        return run_causal_blocks(
+            self.config, self.h, hidden, attention_mask, position_ids, self.checkpointing
+        )
 
 
 class GPT2Final(nn.Module):

@@ -16,6 +16,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from hosl.errors import ModelLoadError
+from hosl.models.blocks import call_block
 
 # How each kind of layer named in `config.layer_types` builds its 4-D mask (as the HF models do).
 _MASK_BUILDERS: dict[str, Callable[..., Tensor | None]] = {
@@ -70,6 +71,7 @@ class LlamaBlocks(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.kinds = kinds
         self.rotary_emb = rotary_emb
+        self.checkpointing = False  # see `call_block`
 
     def forward(self, hidden: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
         if len(self.layers) == 0:
@@ -86,7 +88,9 @@ class LlamaBlocks(nn.Module):
         }
         position_embeddings = self.rotary_emb(hidden, position_ids=position_ids)  # (cos, sin)
         for layer, kind in zip(self.layers, self.kinds):
-            hidden = layer(
+            hidden = call_block(
+                layer,
+                self.checkpointing,
                 hidden,
                 attention_mask=masks[kind],
                 position_embeddings=position_embeddings,

@@ -49,10 +49,13 @@ class OPTBlocks(nn.Module):
     def __init__(self, config: PretrainedConfig, layers: list[nn.Module]) -> None:
         super().__init__()
         self.config = config
+        self.checkpointing = False  # see `call_block`
         self.layers = nn.ModuleList(layers)
 
     def forward(self, hidden: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
-        return run_causal_blocks(self.config, self.layers, hidden, attention_mask, position_ids)
+        return run_causal_blocks(
+            self.config, self.layers, hidden, attention_mask, position_ids, self.checkpointing
+        )
 
 
 class OPTFinal(nn.Module):

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from hosl.batching import Batch
+from hosl.fused_sgd import FusedSgd
 from hosl.models.split import Activations, ClientPart
 from hosl.parties.state import PartyState
 from hosl.zo import PerturbedForward, ZoTarget, apply_zo_update_
@@ -80,11 +81,13 @@ class ClientParty(PartyState):
         scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
         lazy_pairs: bool = False,
         row_sparse: bool = False,
+        fused: FusedSgd | None = None,
     ) -> None:
         self.part = part.eval()  # dropout stays off: ZO differences must see one function
         self.zo = ZoTarget(part)
         if row_sparse:  # embeddings' z only on the rows each perturbation's batch looked up
             self.zo.track_rows()
+        self.fused = fused  # fo: each tensor steps during the backward (see hosl.fused_sgd)
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.lazy_pairs = lazy_pairs  # see LazyDeltas: for transports that stream each activation
@@ -132,6 +135,15 @@ class ClientParty(PartyState):
     def forward_with_graph(self, batch: Batch) -> Activations:
         with self.phase("forward"):
             return self.part(batch.input_ids, batch.attention_mask)
+
+    def start_step(self, step: int) -> None:
+        if self.fused is not None:
+            self.fused.start_step(step)
+
+    def optimizer_step(self) -> None:
+        if self.fused is None:
+            super().optimizer_step()
+        # fused: every tensor already took its step when its gradient arrived
 
     def backward(self, acts: Activations, grad_hidden: Tensor) -> None:
         """Finish backpropagation through the client from ∂L/∂h (accumulates into .grad)."""
