@@ -195,27 +195,12 @@ def markdown(result: dict[str, Any]) -> str:
         f"{BATCH} x {LENGTH} synthetic tokens per step (the demo's), AdamW on every FO side. "
         "Median of the timed steps after one warm-up step each, the configurations taking "
         "their steps in turn.",
-        "",
-        "## In process",
-        "",
-        "| configuration | s/step | ÷ fo |",
-        "|---|---:|---:|",
     ]
-    lines += [
-        f"| {name} | {row['median_s']:.2f} | {row['ratio_to_fo']:.2f} |"
-        for name, row in result["in_process"].items()
-    ]
-    lines += [
-        "",
-        "## Loopback gRPC (client and server in separate processes)",
-        "",
-        "| configuration | s/step | ÷ fo |",
-        "|---|---:|---:|",
-    ]
-    lines += [
-        f"| {name} | {row['median_s']:.2f} | {row['ratio_to_fo']:.2f} |"
-        for name, row in result["grpc"].items()
-    ]
+    for title, key in (("In process", "in_process"),
+                       ("Loopback gRPC (client and server in separate processes)", "grpc")):
+        lines += ["", f"## {title}", "", "| configuration | s/step | ÷ fo |", "|---|---:|---:|"]
+        lines += [f"| {name} | {row['median_s']:.2f} | {row['ratio_to_fo']:.2f} |"
+                  for name, row in result[key].items()]
     lines += ["", "## Targets", ""]
     lines += [f"- **{v['verdict']}**: {v['target']} ({v['value']:.2f})" for v in result["verdicts"]]
     return "\n".join(lines) + "\n"
