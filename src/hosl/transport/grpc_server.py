@@ -143,7 +143,12 @@ def check_run(run: Any) -> dict[str, Any]:
             raise CodecError(f"run field {key!r} is missing or not a {kind.__name__}")
         if kind is not str and not (low <= value < math.inf):
             raise CodecError(f"run field {key!r} is out of range: {value!r}")
-    return {key: run[key] for key in RUN_FIELDS}
+    # Fields a newer client adds are compared too, if they are plain scalars and few.
+    extra = {k: v for k, v in run.items() if k not in RUN_FIELDS}
+    scalar = (str, int, float, bool, type(None))
+    if len(extra) > 32 or not all(isinstance(v, scalar) for v in extra.values()):
+        raise CodecError("the run entry has too many fields, or fields that are not scalars")
+    return dict(run)
 
 
 def server_memory_extra(party: Any) -> dict[str, Any]:
