@@ -18,3 +18,15 @@ class DataError(HoslError):
 
 class ModelLoadError(HoslError):
     """A model that cannot be found, reached or split."""
+
+
+class Diverged(HoslError):
+    """A step whose loss, gradient or ZO coefficient is not finite: it was not applied, so the
+    parameters (and the last checkpoint) are as they were before it."""
+
+
+def check_finite_update(what: str, values: list[float]) -> None:
+    """Refuse an update computed from a non-finite value (NaN or inf never reaches a parameter)."""
+    bad = [v for v in values if v != v or v in (float("inf"), float("-inf"))]
+    if bad:
+        raise Diverged(f"{what} is {bad[0]}: the update was not applied")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,7 +70,9 @@ def build_summary(
         "server_params": param_count(run.server.part) if run.server is not None else None,
         "zero_shot_accuracy": zero_shot,
         "eval_accuracy": final,
-        "final_loss": loss,
+        # None, not NaN (invalid JSON), when this session trained no step of its own (a client
+        # that joined after the server had finished only replays)
+        "final_loss": loss if math.isfinite(loss) else None,
         "client_peak_bytes": meters["client"].peak_bytes,
         "server_peak_bytes": server_memory.get("peak_bytes"),
         "client_phase_peaks": meters["client"].phase_peaks(),

@@ -25,7 +25,7 @@ from hosl.build import Run, build_run
 from hosl.checkpoint import latest_step, load_latest, save_checkpoint
 from hosl.config import TrainConfig, check_split_layer, dump_config, load_config
 from hosl.dtypes import DTYPES
-from hosl.errors import ConfigError
+from hosl.errors import ConfigError, Diverged, check_finite_update
 from hosl.evaluation import evaluate
 from hosl.models.loading import load_pretrained
 from hosl.models.split import num_layers
@@ -163,7 +163,15 @@ class _Loop:
                         for party in run.parties().values():
                             party.stop_metering()  # peaks repeat every step; tracking costs time
                     tick = time.perf_counter()
-                    loss = run.train_step(self.batches(step), step)
+                    try:
+                        loss = run.train_step(self.batches(step), step)
+                        check_finite_update("the training loss", [loss])
+                    except Diverged as err:
+                        raise Diverged(
+                            f"training diverged at step {step + 1}: {err}. The run directory "
+                            "keeps everything up to its last checkpoint; lower the learning rate "
+                            "(--fo-lr, --zo-lr) and start again"
+                        ) from None
                     times.add(time.perf_counter() - tick, metered=step < start + cfg.memory_steps)
                     step += 1
                     bar.update(1)

@@ -8,6 +8,7 @@ from contextlib import AbstractContextManager, nullcontext
 import torch
 from torch import nn
 
+from hosl.errors import Diverged
 from hosl.memory.measure import PartyMeter
 
 
@@ -38,6 +39,11 @@ class PartyState:
     def optimizer_step(self) -> None:
         """Apply the accumulated gradients, clear them, advance the schedule."""
         assert self.optimizer is not None, f"{type(self).__name__} was built without an optimizer"
+        grads = [p.grad for p in self.part.parameters() if p.grad is not None]
+        if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise Diverged(f"the {type(self).__name__.removesuffix('Party').lower() or 'model'}'s "
+                           "gradient is not finite: the update was not applied")
         with self.phase("update"):
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from hosl.dtypes import compute_dtype
+from hosl.errors import check_finite_update
 from hosl.zo.seeds import ROW_CHUNK_ELEMENTS, noise_for, row_noise, tensor_seed
 
 
@@ -216,6 +217,7 @@ def apply_zo_update_(
     """
     if not seeds_and_coefs:
         return
+    check_finite_update("a ZO projected gradient", [c for _, c in seeds_and_coefs])
     round_seed = tensor_seed(seeds_and_coefs[0][0], "stochastic rounding")
     sparse = {name for per_seed in (rows or {}).values() for name in per_seed}
     for name, param in target.named:
