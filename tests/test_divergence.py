@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from conftest import tiny_llama
 from hosl.build import build_run
 from hosl.errors import Diverged
+from hosl.summary import StepTimes, build_summary
 from hosl.zo import ZoTarget, apply_zo_update_
 from test_cli_train import _train
 from test_zo_wiring import _batches, _cfg
@@ -44,3 +47,16 @@ def test_the_cli_says_where_training_diverged(
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
     assert err[0].startswith("hosl: ") and "training diverged at step" in err[0], err
+
+
+def test_a_session_that_trained_no_step_writes_valid_json(tmp_path) -> None:
+    """A networked client that joins after the server finished only replays: its loss is NaN,
+    which summary.json must write as null (no JSON reader accepts NaN)."""
+    run = build_run(_cfg("hosl"), tiny_llama(seed=4))
+    meters = {name: party.start_metering(name) for name, party in run.parties().items()}
+    summary = build_summary(
+        _cfg("hosl"), run, tmp_path, meters, n_eval=0, zero_shot=None, final=0.5,
+        loss=float("nan"), wall_seconds=1.0, times=StepTimes(), server_address=None,
+    )
+    json.dumps(summary, allow_nan=False)
+    assert summary["final_loss"] is None
