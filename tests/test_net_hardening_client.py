@@ -21,6 +21,7 @@ from hosl.transport.framing import grpc_options, read_frames
 from hosl.transport.grpc_server import METHOD, SERVICE
 from hosl.transport.messages import to_bytes
 from test_grpc_transport import _batches, _cfg, _client
+from test_net_hardening_cli import _client_args
 
 
 def _with_header(text: bytes) -> bytes:
@@ -114,34 +115,11 @@ def test_hosl_client_prints_one_line_for_a_hostile_server(
     scores = b"\x00" + to_bytes(EvalReply(scores=torch.full((8, 2), math.nan)))
     with hostile_server(scores) as address:
         code = main(
-            [
-                "client",
-                "--server",
-                address,
-                "--model",
-                str(tiny_model_dir),
-                "--task",
-                "sst2",
-                "--train-file",
-                str(sentiment_files[0]),
-                "--eval-file",
-                str(sentiment_files[1]),
-                "--split-layer",
-                "1",
-                "--batch-size",
-                "8",
-                "--max-length",
-                "16",
-                "--steps",
-                "1",
-                "--eval-examples",
-                "8",
-                "--output",
-                str(tmp_path / "c"),
-                "--no-progress",
-                "--reconnect-timeout",
-                "5",
-            ]
+            _client_args(
+                tiny_model_dir, sentiment_files, tmp_path / "c", "--server", address,
+                "--batch-size", "8", "--max-length", "16", "--steps", "1",
+                "--eval-examples", "8", "--no-progress", "--reconnect-timeout", "5",
+            )
         )
     err = capsys.readouterr().err
     assert code == 2, err

@@ -1,5 +1,7 @@
 """User-facing errors: the CLI prints their message on one line and exits with status 2."""
 
+import math
+
 
 class HoslError(Exception):
     """Something the user can fix: bad input, a missing file, an unreachable hub.
@@ -27,6 +29,6 @@ class Diverged(HoslError):
 
 def check_finite_update(what: str, values: list[float]) -> None:
     """Refuse an update computed from a non-finite value (NaN or inf never reaches a parameter)."""
-    bad = [v for v in values if v != v or v in (float("inf"), float("-inf"))]
+    bad = [v for v in values if not math.isfinite(v)]
     if bad:
         raise Diverged(f"{what} is {bad[0]}: the update was not applied")

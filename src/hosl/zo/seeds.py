@@ -184,16 +184,13 @@ def _normals_(words: torch.Tensor, key2: int, scratch: _Scratch) -> None:
     torch.mul(r, cos_or_sin, out=out[:, 1])
 
 
-def _pass_elements(numel: int, device: torch.device) -> int:
-    """Elements per pass of a whole tensor: even, at most the device's pass size and numel / 32."""
+def _pass_elements(
+    numel: int, device: torch.device, fraction: int = _WHOLE_PASS_FRACTION
+) -> int:
+    """Elements per pass: even, at most the device's pass size and numel / `fraction` (whole
+    tensors: 1/32; a row subset a forward looks up: 1, see `_fill_rows_`)."""
     top = _PASS_ELEMENTS.get(device.type, _PASS_ELEMENTS["cuda"])
-    return max(_MIN_PASS_ELEMENTS, min(top, numel // _WHOLE_PASS_FRACTION)) & ~1
-
-
-def _row_pass_elements(numel: int, device: torch.device) -> int:
-    """Elements per pass of a row subset of `numel` elements: no fraction rule."""
-    top = _PASS_ELEMENTS.get(device.type, _PASS_ELEMENTS["cuda"])
-    return max(_MIN_PASS_ELEMENTS, min(top, numel))
+    return max(_MIN_PASS_ELEMENTS, min(top, numel // fraction)) & ~1
 
 
 def _fill_flat_(out: torch.Tensor, key: int, key2: int) -> None:
@@ -220,8 +217,8 @@ def _fill_rows_(
     """out (contiguous float32, len(rows) × width) ← those rows of z viewed as (-1, width)."""
     if out.numel() == 0:
         return
-    passes = _pass_elements if lean else _row_pass_elements
-    step_rows = min(len(rows), max(1, passes(out.numel(), out.device) // width))
+    fraction = _WHOLE_PASS_FRACTION if lean else 1
+    step_rows = min(len(rows), max(1, _pass_elements(out.numel(), out.device, fraction) // width))
     if width % 2 == 0:
         # every row starts at an even element: its pairs are r·width/2 + 0 … width/2 − 1, and
         # their normals land exactly on the row
