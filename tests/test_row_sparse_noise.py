@@ -141,3 +141,30 @@ def test_a_replay_from_the_journal_is_exact(tokenizer) -> None:
 def test_row_sparse_noise_is_refused_where_a_head_reads_every_row(mode) -> None:
     with pytest.raises(ConfigError, match="needs mode hosl"):
         load_config(None, {"mode": mode, "zo.embedding_noise": "batch"})
+
+
+def test_a_bf16_embedding_moves_its_looked_up_rows_as_the_dense_update_does(tokenizer) -> None:
+    """bf16 (stochastic rounding from a float32 working copy): with one perturbation, the
+    row-sparse update of the looked-up rows is bit for bit the dense update of those rows (the
+    same z, the same rounding dither, both indexed by row), and no other row moves. Stochastic
+    rounding keeps a move smaller than bf16's spacing in expectation, so rows do move: checked."""
+    cfg = dataclasses.replace(
+        _row_sparse(_cfg("hosl", q=1, zo_lr=1e-3)),
+        model=dataclasses.replace(_cfg("hosl").model, dtype="bfloat16"),
+    )
+    batches = _batches(tokenizer, 0, 1)
+    start = tiny_llama(seed=4).to(torch.bfloat16).get_parameter(EMBED).detach().clone()
+    after = {}
+    for noise in ("all", "batch"):
+        model = tiny_llama(seed=4).to(torch.bfloat16)
+        run = build_run(_row_sparse(cfg, noise), model)
+        run.train_step(batches, 0)
+        after[noise] = model.get_parameter(EMBED).detach()
+    rows = batches[0].input_ids.unique()
+    assert after["batch"].dtype == torch.bfloat16
+    assert torch.equal(after["batch"][rows], after["all"][rows])
+    assert not torch.equal(after["batch"][rows], start[rows])  # the update was not rounded away
+    off = torch.ones(len(start), dtype=torch.bool)
+    off[rows] = False
+    assert off.any() and torch.equal(after["batch"][off], start[off])
+    assert not torch.equal(after["all"][off], start[off])  # dense noise does move them
