@@ -204,7 +204,7 @@ def test_lora_parameter_count_follows_rank_and_targets():
         ({"mode": "hosl", "fused_update": True}, "fo client's"),
         ({"mode": "fo", "fused_update": True, "optimizer": "adamw"}, "needs the client optimizer"),
         ({"mode": "fo", "adapters": {"client": LoraSpec(targets=("wq",))}}, "no LoRA target"),
-        ({"mode": "inference", "adapters": {"server": LoraSpec()}}, "trains no such party"),
+        ({"mode": "fo-full", "adapters": {"server": LoraSpec()}}, "has no such party"),
     ],
 )
 def test_savings_a_mode_cannot_make_are_refused(kwargs, message):

@@ -360,8 +360,9 @@ def _check_savings(mode: str, roles: dict[str, str], checkpointing: tuple[str, .
     if fused_update and client_optimizer != "sgd":
         raise ConfigError("fused_update needs the client optimizer sgd (a step with no state)")
     for party, spec in adapters.items():
-        if roles.get(party) not in ("fo", "zo"):
-            raise ConfigError(f"adapters on {party!r}: mode {mode} trains no such party")
+        if party not in roles:
+            raise ConfigError(f"adapters on {party!r}: mode {mode} has no such party "
+                              f"({', '.join(roles)})")
         if not isinstance(spec, LoraSpec):
             raise ConfigError(f"adapters[{party!r}] must be a LoraSpec, got {spec!r}")
 
