@@ -40,24 +40,28 @@ LENGTH, SPLIT, Q = 64, 2, 1
 # peft's get_peft_model asks transformers a deprecated question (neither is hosl's call)
 PEFT_WARNING = "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"
 LEAN = ClientConfig(optimizer="sgd", checkpointing=True, fused_update=True)
-# (mode, client choices, server checkpointing)
+FUSED = ClientConfig(optimizer="sgd", fused_update=True)
+# (mode, client choices, server checkpointing, length). At 8 tokens parameters and gradients
+# outweigh activations, so what a fused update saves shows.
 SETUPS = {
-    "hosl-server-ckpt": ("hosl", ClientConfig(), True),
-    "fo-server-ckpt": ("fo", ClientConfig(), True),
-    "fo-client-ckpt": ("fo", ClientConfig(checkpointing=True), False),
-    "fo-client-fused": ("fo", ClientConfig(optimizer="sgd", fused_update=True), False),
-    "fo-client-lean": ("fo", LEAN, False),
-    "fo-both-lean": ("fo", LEAN, True),
+    "hosl-server-ckpt": ("hosl", ClientConfig(), True, LENGTH),
+    "fo-server-ckpt": ("fo", ClientConfig(), True, LENGTH),
+    "fo-client-ckpt": ("fo", ClientConfig(checkpointing=True), False, LENGTH),
+    "fo-client-fused": ("fo", FUSED, False, LENGTH),
+    "fo-client-fused-short": ("fo", FUSED, False, 8),
+    "fo-client-lean": ("fo", LEAN, False, LENGTH),
+    "fo-both-lean": ("fo", LEAN, True, LENGTH),
 }
 
 
-def _measured(family: str, mode: str, client: ClientConfig, server_ckpt: bool) -> dict[str, int]:
+def _measured(family: str, mode: str, client: ClientConfig, server_ckpt: bool,
+              length: int = LENGTH) -> dict[str, int]:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(_config(family), attn_implementation="sdpa")
     cfg = TrainConfig(
         mode=mode, steps=2, batch_size=BATCH, seed=0, wire_dtype="bfloat16",
         model=ModelConfig(name="tiny", split_layer=SPLIT),
-        data=DataConfig(task="sst2", max_length=LENGTH),
+        data=DataConfig(task="sst2", max_length=length),
         zo=ZoConfig(q=Q, eps=1e-3, lr=1e-4), optim=OptimConfig(optimizer="adamw", lr=1e-3),
         client=client, server=ServerConfig(checkpointing=server_ckpt),
     )
@@ -65,19 +69,19 @@ def _measured(family: str, mode: str, client: ClientConfig, server_ckpt: bool) -
     meters = {name: party.start_metering(name) for name, party in run.parties().items()}
     generator = torch.Generator().manual_seed(0)
     for step in range(2):
-        run.train_step([_batch(LENGTH, generator)], step)
+        run.train_step([_batch(length, generator)], step)
     peaks = {name: meter.peak_bytes for name, meter in meters.items()}
     if mode == "fo":  # ∂L/∂h, decoded where the client's meter cannot see it
-        peaks["client"] += BATCH * LENGTH * HIDDEN * 4
+        peaks["client"] += BATCH * length * HIDDEN * 4
     return peaks
 
 
 def _modelled(family: str, mode: str, client: ClientConfig, server_ckpt: bool,
-              **kw) -> dict[str, int]:
+              length: int = LENGTH, **kw) -> dict[str, int]:
     checkpointing = [p for p, on in (("client", client.checkpointing), ("server", server_ckpt))
                      if on]
     est = estimate(
-        _config(family), mode=mode, split_layer=SPLIT, batch=BATCH, length=LENGTH, q=Q,
+        _config(family), mode=mode, split_layer=SPLIT, batch=BATCH, length=length, q=Q,
         optimizer="adamw", client_optimizer=client.optimizer, checkpointing=checkpointing,
         fused_update=client.fused_update, attention="sdpa", **kw,
     )

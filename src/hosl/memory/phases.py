@@ -169,8 +169,9 @@ def _forward_with_graph_extra(plan: PartPlan) -> int:
 def _backward_extra(plan: PartPlan) -> int:
     """Walk backward from the head to the embedding, tracking activations freed and gradients
     made; return the largest working bytes (gradients included) seen on the way."""
-    # one block's new gradients; a fused update frees them as soon as they are applied
-    layer_grads = sum(plan.adapter_params) if plan.frozen_base else sum(plan.layer_params)
+    # one block's new gradients; a fused update applies and frees each as soon as it is made
+    layer_tensors = plan.adapter_params if plan.frozen_base else plan.layer_params
+    layer_grads = max(layer_tensors) if plan.fused else sum(layer_tensors)
     kept_grads = 0 if plan.fused else layer_grads
     live = plan.stored + plan.scores
     peak = live
@@ -220,9 +221,9 @@ def party_phases(
         widen = 1  # adapters are float32 already
     masters = fo and widen > 1
     state = (1 + state_per_param) * widen * trainable if masters else state_per_param * trainable
-    # a fused update never holds more than the tensors the backward is working on
+    # a fused update never holds more than the gradient the backward is working on
     fused_grads = max(
-        sum(plan.adapter_params) if plan.frozen_base else sum(plan.layer_params),
+        max(plan.adapter_params) if plan.frozen_base else max(plan.layer_params),
         plan.sparse_embedding_grads,
     )
     components = {
