@@ -73,6 +73,28 @@ def test_hosl_serve_honours_server_checkpointing(monkeypatch) -> None:
     assert blocks_checkpointing({}) == [False]
 
 
+def test_hosl_serve_reads_server_checkpointing_from_set_and_yaml(monkeypatch, tmp_path) -> None:
+    """From the command line to the server part: `--set` and a config file both reach it."""
+    from hosl import cli
+
+    built: list[list[bool]] = []
+
+    def fake_serve(cfg, opts, **kwargs) -> int:
+        party, _, _ = hosl.serve.build_server_party(cfg)
+        built.append([m.checkpointing for m in party.part.modules()
+                      if hasattr(m, "checkpointing")])
+        return 0
+
+    monkeypatch.setattr(hosl.serve, "load_pretrained", lambda name, dtype: (MODELS["opt"](), None))
+    monkeypatch.setattr(hosl.serve, "serve", fake_serve)
+    config = tmp_path / "run.yaml"
+    config.write_text("mode: fo\nmodel:\n  split_layer: 1\nserver:\n  checkpointing: true\n")
+    assert cli.main(["serve", "--set", "server.checkpointing=true", "--split-layer", "1"]) == 0
+    assert cli.main(["serve", "--config", str(config)]) == 0
+    assert cli.main(["serve", "--split-layer", "1"]) == 0
+    assert built == [[True], [True], [False]]
+
+
 @pytest.mark.parametrize("mode", ["zo", "fo-full", "zo-full"])
 def test_server_checkpointing_without_a_backpropagating_server_is_refused(mode) -> None:
     with pytest.raises(ConfigError, match="server.checkpointing .* no server that backprop"):
