@@ -214,3 +214,35 @@ def test_lora_parameter_count_follows_rank_and_targets():
 def test_savings_a_mode_cannot_make_are_refused(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         estimate(_config("opt"), split_layer=SPLIT, **kwargs)
+
+
+def test_hosl_memory_flags_reach_the_model(capsys):
+    """`hosl memory --checkpointing/--lora/--fused-update/--client-optimizer` model what
+    `estimate` models with the same choices, and each changes the party it names."""
+    import json
+
+    from hosl import cli
+
+    base = ["memory", "--model", "opt-125m", "--split-layer", "5", "--max-length", "512",
+            "--json"]
+    runs = {
+        "plain": ([], {}),
+        "server": (["--mode", "hosl", "--checkpointing", "server", "--lora", "server",
+                    "--lora-rank", "4", "--lora-targets", "q_proj,fc1"],
+                   dict(mode="hosl", checkpointing=["server"],
+                        adapters={"server": LoraSpec(4, ("q_proj", "fc1"))})),
+        "client": (["--mode", "fo", "--checkpointing", "client", "--fused-update",
+                    "--client-optimizer", "sgd"],
+                   dict(mode="fo", checkpointing=["client"], fused_update=True,
+                        client_optimizer="sgd")),
+    }
+    totals = {}
+    for name, (flags, kwargs) in runs.items():
+        assert cli.main(base + flags) == 0
+        printed = json.loads(capsys.readouterr().out)
+        totals[name] = {p: v["total"] for p, v in printed["parties"].items()}
+        est = estimate("opt-125m", split_layer=5, batch=16, length=512, optimizer="adamw",
+                       attention="sdpa", **{"mode": "hosl", **kwargs})
+        assert totals[name] == {p: v.total for p, v in est.parties.items()}, name
+    assert totals["server"]["server"] < totals["plain"]["server"] / 2
+    assert totals["server"]["client"] == totals["plain"]["client"]
