@@ -39,11 +39,14 @@ from hosl.config import (
 from hosl.memory.adapters import LoraSpec
 from hosl.memory.analytic import estimate
 
-# The adapters' settings as the analytic model reads them; the measured rows use hosl's own
-# adapter defaults, which these must match (peft's defaults for OPT: rank 8 on q_proj, v_proj).
+# The adapters' settings: the analytic model's, and what the measured runs ask for.
 LORA = LoraSpec(rank=8, targets=("q_proj", "v_proj"))
 # How a run asks for adapters on a party: dotted config keys (`hosl train --set ...`).
-LORA_KEYS = {"client": {"client.adapter": "lora"}, "server": {"server.adapter": "lora"}}
+LORA_KEYS = {
+    party: {f"{party}.adapter": "lora", f"{party}.lora_rank": LORA.rank,
+            f"{party}.lora_targets": ",".join(LORA.targets)}
+    for party in ("client", "server")
+}
 LEANEST = ClientConfig(optimizer="sgd", checkpointing=True, fused_update=True)
 
 
