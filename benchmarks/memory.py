@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import memory_savings as savings
 import torch
 from machine_info import machine
 from transformers import AutoModelForCausalLM, PretrainedConfig
@@ -124,11 +125,21 @@ def measure_full_logits_server(model: torch.nn.Module, k: int, batch: Batch) -> 
     server.eval()
     optimizer = build_optimizer(server.parameters(), "adamw", 1e-5)
     materialise_state(optimizer)
+    out = full_logits_step(server, optimizer, batch)
+    del server, optimizer
+    gc.collect()
+    return out
+
+
+def full_logits_step(server: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                     batch: Batch) -> dict[str, Any]:
+    """One metered step of `server` (a split server part) with (B x L x V) logits."""
     meter = PartyMeter("server")
     meter.set_resident_state(server, optimizer)
     spec = batch.spec
     length = batch.input_ids.shape[1]
-    wire = torch.randn(BATCH, length, model.config.hidden_size).to(torch.bfloat16)
+    hidden_size = server.config.hidden_size
+    wire = torch.randn(BATCH, length, hidden_size).to(torch.bfloat16)
     position_ids = torch.arange(length).expand(BATCH, length)
     start = time.perf_counter()
     with meter.phase("receive"):
@@ -147,8 +158,7 @@ def measure_full_logits_server(model: torch.nn.Module, k: int, batch: Batch) -> 
         optimizer.zero_grad(set_to_none=True)
     out = {"server_peak": meter.peak_bytes, "server_phases": meter.phase_peaks(),
            "seconds": round(time.perf_counter() - start, 1)}
-    del server, optimizer, hidden
-    gc.collect()
+    del hidden
     return out
 
 
@@ -323,6 +333,8 @@ def _pick(ratios: dict[str, Any], key: str) -> tuple[float | None, str]:
 
 
 def verdicts(result: dict[str, Any]) -> list[dict[str, Any]]:
+    # the memory-saving rows' analytic columns and ratios are derived from their measurements
+    savings.derive(result, TASKS)
     out = []
     for cell in result["cells"]:
         name, task, length = cell["model"], cell["task"], cell["length"]
@@ -372,7 +384,12 @@ def verdicts(result: dict[str, Any]) -> list[dict[str, Any]]:
                 f"({4 * ours / 2**30:.1f} GiB). The logits term itself shrinks {cell['length']}x"
                 " (only the scored positions)."),
         })
-    return out
+    return out + savings.verdicts(result)
+
+
+def _cores(machine_fields: dict[str, Any]) -> int:
+    # older results name the field cpu_count
+    return machine_fields.get("cores", machine_fields.get("cpu_count"))
 
 
 def _load_note(result: dict[str, Any]) -> str:
@@ -380,7 +397,7 @@ def _load_note(result: dict[str, Any]) -> str:
     if not loads:
         return ""
     return (f" (1-minute load average {loads['start']} at the start, {loads['end']} at the "
-            f"end, on {result['machine']['cores']} cores)")
+            f"end, on {_cores(result['machine'])} cores)")
 
 
 def _mib(value: int | None) -> str:
@@ -391,7 +408,7 @@ def write_markdown(result: dict[str, Any]) -> str:
     m = result["machine"]
     lines = [
         "# Per-party peak memory: HOSL vs FO-FO vs ZO-ZO split learning", "",
-        f"- Machine: {m['cores']}-core CPU ({m['cpu']}), no GPU; torch {m['torch']}, "
+        f"- Machine: {_cores(m)}-core CPU ({m['cpu']}), no GPU; torch {m['torch']}, "
         f"transformers {m['transformers']}, Python {m['python']}",
         f"- Date: {result['date']}; wall time {result['wall_seconds']} s; "
         f"process peak RSS {result['peak_rss_bytes'] / 2**30:.1f} GiB",
@@ -447,6 +464,7 @@ def write_markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {cell['model']} | {cell['task']} | {both('fo_over_hosl_client')} | "
                      f"{both('fo_sgd_over_hosl_client')} | "
                      f"{both('hosl_client_over_inference')} | {server} |")
+    lines += savings.markdown(result)
     lines += ["", "## Verdicts", ""]
     for v in result["verdicts"]:
         reason = f" — {v['reason']}" if v["reason"] else ""
@@ -476,6 +494,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--quick", action="store_true",
                         help="measure OPT-125M at the SST-2-like length only (a smoke run)")
+    parser.add_argument("--savings", action="store_true",
+                        help="measure the memory-saving configurations (benchmarks/"
+                             "memory_savings.py) into the memory.json already in --out")
+    parser.add_argument("--rows", help="with --savings: comma-separated row keys (default all)")
     parser.add_argument("--render", type=Path, metavar="JSON",
                         help="re-derive verdicts and memory.md from a saved memory.json")
     args = parser.parse_args(argv)
@@ -485,6 +507,8 @@ def main(argv: list[str] | None = None) -> int:
         result["rendered_by"] = "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])])
         write_results(result, args.out)
         return 0
+    if args.savings:
+        return measure_savings(args, "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]))
     started = time.perf_counter()
     load_start = round(os.getloadavg()[0], 1)
     result: dict[str, Any] = {
@@ -514,6 +538,33 @@ def main(argv: list[str] | None = None) -> int:
     result["load_average"] = {"start": load_start, "end": round(os.getloadavg()[0], 1)}
     result["peak_rss_bytes"] = peak_rss_bytes()
     write_results(result, args.out)
+    return 0
+
+
+def measure_savings(args: argparse.Namespace, command: str) -> int:
+    """Add the memory-saving rows to <out>/memory.json (the main table stays as it is)."""
+    path = args.out / "memory.json"
+    if not path.is_file():
+        raise SystemExit(f"{path}: run `python benchmarks/memory.py` first (--savings adds to it)")
+    result = json.loads(path.read_text())
+    keys = args.rows.split(",") if args.rows else [row.key for row in savings.SAVINGS]
+    unknown = [key for key in keys if key not in savings.BY_KEY]
+    if unknown:
+        raise SystemExit(f"unknown row {unknown[0]!r}; rows: {', '.join(savings.BY_KEY)}")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(builtin_config("opt-125m"),
+                                             attn_implementation="sdpa")
+
+    def save(partial: dict[str, Any]) -> None:
+        path.write_text(json.dumps(partial, indent=2) + "\n")
+
+    savings.run_rows(result, keys, model, k=SPLIT, batch=BATCH, lengths=TASKS, q=Q,
+                     synthetic_batch=synthetic_batch, materialise_state=materialise_state,
+                     full_logits_step=full_logits_step, save=save, log=log, machine=machine(),
+                     command=command)
+    result["verdicts"] = verdicts(result)
+    (args.out / "memory.md").write_text(write_markdown(result))
+    log(f"wrote {args.out}/memory.{{json,md}}")
     return 0
 
 

@@ -203,3 +203,24 @@ def test_cuda_phase_uses_the_allocator_peak():
         x = torch.empty(1024, 1024, device="cuda")
         del x
     assert meter.phase_peaks()["work"] >= 4 * 1024 * 1024
+
+
+def test_sparse_gradients_count_their_indices_and_values():
+    """A sparse embedding's gradient (a fused update's) is its looked-up rows and their int64
+    indices, counted while it lives and given back when it is freed."""
+    embedding = nn.Embedding(1000, 16, sparse=True)
+    ids = torch.tensor([[3, 7, 7, 9, 11]])  # (1, 5): five rows looked up, one twice
+    meter = PartyMeter("client")
+    meter.set_resident_state(embedding)
+    with meter.phase("backward"):
+        embedding(ids).sum().backward()
+        grad = embedding.weight.grad
+        assert grad.is_sparse
+        # uncoalesced: one value row and one index per lookup
+        assert meter.transient_bytes >= 5 * 16 * FLOAT + 5 * 8
+        assert meter.transient_bytes < 1000 * 16 * FLOAT / 10  # never a (V, d) gradient
+        embedding.weight.grad = None
+        del grad
+    assert meter.transient_bytes == 0
+    sparse = torch.sparse_coo_tensor(ids, torch.ones(5, 16), check_invariants=True)  # 5 rows
+    assert tensor_bytes([sparse]) == 5 * 8 + 5 * 16 * FLOAT

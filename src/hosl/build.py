@@ -108,6 +108,12 @@ def fo_client(cfg: TrainConfig, part: torch.nn.Module) -> tuple[Any, Any, FusedS
     return opt, sched, None
 
 
+def prepare_server_part(cfg: TrainConfig, part: torch.nn.Module) -> None:
+    """The server's memory choices (`server.*`), the same in process and in `hosl serve`."""
+    if cfg.server.checkpointing:
+        use_checkpointing(part)
+
+
 def build_run(
     cfg: TrainConfig, model: PreTrainedModel, transport: Transport | None = None
 ) -> Run:
@@ -144,6 +150,7 @@ def build_run(
     )
     server = None
     if transport is None:
+        prepare_server_part(cfg, server_part)
         server_opt, server_sched = (
             fo_optimizer(cfg, server_part.parameters())
             if cfg.mode in ("hosl", "fo", "frozen")

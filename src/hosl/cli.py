@@ -260,6 +260,16 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _memory_savings(args: argparse.Namespace) -> dict:
+    """`estimate`'s memory-saving arguments from `hosl memory`'s flags."""
+    from hosl.memory.adapters import LoraSpec
+
+    spec = LoraSpec(rank=args.lora_rank, targets=tuple(args.lora_targets.split(",")))
+    return dict(checkpointing=args.checkpointing or (), fused_update=args.fused_update,
+                client_optimizer=args.client_optimizer,
+                adapters={party: spec for party in args.lora or ()})
+
+
 def cmd_memory(args: argparse.Namespace) -> int:
     from hosl.memory.report import run_memory_command
 
@@ -267,7 +277,7 @@ def cmd_memory(args: argparse.Namespace) -> int:
         model=args.model, split_layer=args.split_layer, batch_size=args.batch_size,
         max_length=args.max_length, mode=args.mode, dtype=_dtype(args.dtype),
         optimizer=args.optimizer,
-        logits=args.logits, q=args.q, as_json=args.json,
+        logits=args.logits, q=args.q, as_json=args.json, savings=_memory_savings(args),
     ))
     return 0
 
@@ -376,6 +386,16 @@ def build_parser() -> argparse.ArgumentParser:
     mem.add_argument("--logits", default="scored", choices=["scored", "full"],
                      help="full: what a server that materialises (B x L x V) logits needs")
     mem.add_argument("--q", type=int, default=1, help="ZO perturbation pairs per step")
+    mem.add_argument("--checkpointing", action="append", choices=["client", "server", "model"],
+                     help="a party whose blocks are checkpointed (repeatable)")
+    mem.add_argument("--fused-update", action="store_true",
+                     help="the fo client's fused SGD update (client.fused_update)")
+    mem.add_argument("--client-optimizer", help="the fo client's own optimizer (client.optimizer)")
+    mem.add_argument("--lora", action="append", choices=["client", "server", "model"],
+                     help="a party that trains LoRA adapters instead of its weights (repeatable)")
+    mem.add_argument("--lora-rank", type=int, default=8, help="LoRA rank r")
+    mem.add_argument("--lora-targets", default="q_proj,v_proj",
+                     help="comma-separated module names LoRA adapts in every block")
     mem.add_argument("--json", action="store_true", help="print JSON instead of a table")
     mem.set_defaults(func=cmd_memory)
 

@@ -93,6 +93,17 @@ class ClientConfig:
     fused_update: bool = False  # step each tensor as its gradient arrives (needs sgd, no accum)
 
 
+# The split modes whose server backpropagates (and so stores activations for a backward).
+FO_SERVER_MODES = ("hosl", "fo", "frozen")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The server's own memory choices, in every split mode whose server backpropagates."""
+
+    checkpointing: bool = False  # recompute each server block's activations in the backward
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     mode: str = "hosl"
@@ -111,6 +122,7 @@ class TrainConfig:
     zo: ZoConfig = field(default_factory=ZoConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     client: ClientConfig = field(default_factory=ClientConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
 
 
 class _Loader(yaml.SafeLoader):
@@ -265,6 +277,12 @@ def validate(cfg: TrainConfig) -> None:
             not cfg.client.fused_update or cfg.grad_accum == 1,
             "client.fused_update steps each tensor during the backward: it cannot accumulate "
             "micro-batches (grad_accum must be 1)",
+        ),
+        (
+            not cfg.server.checkpointing or cfg.mode in FO_SERVER_MODES,
+            f"server.checkpointing recomputes what a server's backward pass needs; mode "
+            f"{cfg.mode} has no server that backpropagates (a ZO server stores no activations): "
+            f"drop it, or use mode {', '.join(FO_SERVER_MODES)}",
         ),
         (
             cfg.optim.lr > 0,

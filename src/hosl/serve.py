@@ -27,7 +27,7 @@ from types import FrameType
 import grpc
 import torch
 
-from hosl.build import fo_optimizer
+from hosl.build import fo_optimizer, prepare_server_part
 from hosl.checkpoint import load_latest, save_checkpoint
 from hosl.config import SPLIT_MODES, TrainConfig, check_split_layer, dump_config
 from hosl.dtypes import DTYPES
@@ -154,6 +154,7 @@ def build_server_party(cfg: TrainConfig) -> tuple[ServerParty, object, int]:
     client_part, server_part = split_model(model, cfg.model.split_layer)
     del model, client_part  # the embeddings and blocks 0..k-1 are the client's
     gc.collect()
+    prepare_server_part(cfg, server_part)
     optimizer = scheduler = None
     if cfg.mode != "zo":  # every other split mode trains its server with FO
         optimizer, scheduler = fo_optimizer(cfg, server_part.parameters())

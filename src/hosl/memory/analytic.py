@@ -53,12 +53,14 @@ against the real split training loops of every mode, per party (tests/test_memor
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 from transformers import PretrainedConfig
 
 from hosl.dtypes import BYTES as DTYPE_BYTES
 from hosl.errors import ConfigError
+from hosl.memory.adapters import LoraSpec, adapter_stored_per_token, adapter_tensor_bytes
 from hosl.memory.families import (
     ATTENTION_KERNELS,
     ActivationTable,
@@ -125,6 +127,10 @@ class MemoryEstimate:
     q: int
     attention: str
     parties: dict[str, PartyEstimate] = field(default_factory=dict)
+    checkpointing: tuple[str, ...] = ()
+    fused_update: bool = False
+    adapters: dict[str, LoraSpec] = field(default_factory=dict)
+    client_optimizer: str | None = None
 
     @property
     def client(self) -> PartyEstimate | None:
@@ -175,7 +181,8 @@ def _terms_bytes(terms: tuple[Term, ...], shapes: ModelShapes, tokens: int, leng
 
 def _plan(shapes: ModelShapes, table: ActivationTable, party: str, split_layer: int | None, *,
           batch: int, length: int, act_bytes: int, param_bytes: int, positions: int, logits: str,
-          boundary: tuple[int, int]) -> PartPlan:
+          boundary: tuple[int, int], checkpointing: bool = False, fused: bool = False,
+          lora: LoraSpec | None = None) -> PartPlan:
     """Bytes of everything one party holds, before the role decides which of it is live when."""
     n_layers = shapes.n_layers
     if party == "client":
@@ -233,6 +240,18 @@ def _plan(shapes: ModelShapes, table: ActivationTable, party: str, split_layer: 
         row_wise_embedding=row_wise,
         row_noise=row_noise,
         param_bytes=param_bytes,
+        adapter_params=adapter_tensor_bytes(shapes, lora) if lora else [],
+        # A x per adapted layer, less what the frozen base no longer keeps for its gradients
+        adapter_stored=(tokens * adapter_stored_per_token(shapes, lora) * act_bytes
+                        - nbytes(table.frozen_unsaved)) if lora else 0,
+        checkpointing=checkpointing,
+        fused=fused,
+        # a sparse gradient per embedding table (token, learned positions): a value row and an
+        # int64 index per looked-up token
+        sparse_embedding_grads=(
+            tokens * (shapes.embed_dim * param_bytes + 8)
+            + (tokens * (shapes.hidden * param_bytes + 8) if len(embedding_tensors) > 1 else 0)
+        ) if has_embedding and fused else 0,
     )
 
 
@@ -250,6 +269,10 @@ def estimate(
     q: int = 1,
     boundary_copies: int | None = None,
     attention: str = "eager",
+    client_optimizer: str | None = None,
+    checkpointing: Collection[str] = (),
+    fused_update: bool = False,
+    adapters: Mapping[str, LoraSpec] | None = None,
 ) -> MemoryEstimate:
     """Model each party's memory for one step of `mode` (see the module docstring).
 
@@ -258,6 +281,13 @@ def estimate(
     materialises (B, L, V) logits instead. `q` is the number of perturbation pairs.
     `attention` is the attention kernel the model runs: "eager" (stores (B, heads, L, L)
     probabilities) or "sdpa" (PyTorch's fused scaled_dot_product_attention).
+
+    The memory-saving choices: `client_optimizer` is the `fo` client's own optimizer
+    (`client.optimizer`; default `optimizer`); `checkpointing` names the parties ("client",
+    "server", "model") whose blocks are checkpointed (`client.checkpointing`,
+    `server.checkpointing`); `fused_update` is the `fo` client's fused SGD step
+    (`client.fused_update`); `adapters` maps a party to the LoRA adapters it trains instead of
+    its parameters (`hosl.memory.adapters`).
     """
     _check(mode, MODES, "mode")
     _check(dtype, tuple(DTYPE_BYTES), "dtype")
@@ -266,6 +296,8 @@ def estimate(
     _check(attention, ATTENTION_KERNELS, "attention kernel")
     if min(batch, length, positions, q) < 1:
         raise ConfigError("batch, length, positions and q must all be at least 1")
+    if client_optimizer is not None:
+        _check(client_optimizer, tuple(OPTIMIZER_STATES), "client optimizer")
     name, config = _resolve_config(model)
     shapes = model_shapes(config)
     table = activation_table(shapes.family, attention)
@@ -280,6 +312,10 @@ def estimate(
             )
     else:
         split_layer = None
+    adapters = dict(adapters or {})
+    checkpointing = tuple(dict.fromkeys(checkpointing))
+    _check_savings(mode, roles, checkpointing, fused_update, adapters,
+                   client_optimizer or optimizer)
     param_bytes = DTYPE_BYTES[dtype]
     parties: dict[str, PartyEstimate] = {}
     for party, role in roles.items():
@@ -291,8 +327,11 @@ def estimate(
         plan = _plan(
             shapes, table, party, split_layer, batch=batch, length=length, act_bytes=act_bytes,
             param_bytes=param_bytes, positions=positions, logits=logits, boundary=copies,
+            checkpointing=party in checkpointing, fused=fused_update and party == "client",
+            lora=adapters.get(party),
         )
-        state_per_param = OPTIMIZER_STATES[optimizer] if role == "fo" else 0
+        own = client_optimizer if party == "client" and client_optimizer else optimizer
+        state_per_param = OPTIMIZER_STATES[own] if role == "fo" else 0
         evaluates = mode == "hosl" and party == "server"
         components, phases = party_phases(plan, role, state_per_param, evaluates=evaluates)
         peak_phase = max(phases, key=phases.get)
@@ -300,8 +339,32 @@ def estimate(
     return MemoryEstimate(
         model=name, mode=mode, split_layer=split_layer, n_layers=shapes.n_layers, batch=batch,
         length=length, dtype=dtype, optimizer=optimizer, positions=positions, logits=logits, q=q,
-        attention=attention, parties=parties,
+        attention=attention, parties=parties, checkpointing=checkpointing,
+        fused_update=fused_update, adapters=adapters, client_optimizer=client_optimizer,
     )
+
+
+def _check_savings(mode: str, roles: dict[str, str], checkpointing: tuple[str, ...],
+                   fused_update: bool, adapters: dict[str, LoraSpec],
+                   client_optimizer: str) -> None:
+    """Refuse memory-saving choices that the mode's parties cannot make (as hosl.config does)."""
+    backprop = ", ".join(p for p, r in roles.items() if r == "fo") or "none"
+    for party in checkpointing:
+        if roles.get(party) != "fo":
+            raise ConfigError(
+                f"checkpointing {party!r}: only a party that backpropagates stores activations "
+                f"to checkpoint; in mode {mode}: {backprop}"
+            )
+    if fused_update and roles.get("client") != "fo":
+        raise ConfigError(f"fused_update is the fo client's; mode {mode} has none")
+    if fused_update and client_optimizer != "sgd":
+        raise ConfigError("fused_update needs the client optimizer sgd (a step with no state)")
+    for party, spec in adapters.items():
+        if party not in roles:
+            raise ConfigError(f"adapters on {party!r}: mode {mode} has no such party "
+                              f"({', '.join(roles)})")
+        if not isinstance(spec, LoraSpec):
+            raise ConfigError(f"adapters[{party!r}] must be a LoraSpec, got {spec!r}")
 
 
 def human_bytes(nbytes: float) -> str:

@@ -76,6 +76,11 @@ class ActivationTable:
     head_stored: the final norm's outputs and statistics (logits are counted separately).
     mask: alive through a forward of any block: the (B, 1, L, L) additive causal mask, and
         Llama's rotary cos/sin tables, computed once per part.
+    frozen_unsaved: what a block no longer stores when its base weights are frozen (LoRA):
+        inputs kept only for a weight's gradient (Llama: down_proj's and o_proj's inputs and
+        the norms' normalised outputs; OPT: fc1's input), measured with adapters on q_proj and
+        v_proj under sdpa (what the adapters themselves store is counted apart,
+        hosl.memory.adapters); the eager tables leave it empty, over-counting a little.
     """
 
     layer_stored: tuple[Term, ...]
@@ -86,6 +91,7 @@ class ActivationTable:
     embedding_held_graph: tuple[Term, ...]
     head_stored: tuple[Term, ...]
     mask: tuple[Term, ...] = (Term("mask", n=1),)
+    frozen_unsaved: tuple[Term, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -200,6 +206,7 @@ LLAMA_SDPA = ActivationTable(
     embedding_held_graph=(),
     head_stored=(Term("h", n=2, n_up=1), Term("row", n32=1)),
     mask=(Term("hd", n=2),),
+    frozen_unsaved=(Term("i", n=1), Term("q", n=1), Term("h", n=1.875)),
 )
 
 OPT_SDPA = ActivationTable(
@@ -211,6 +218,7 @@ OPT_SDPA = ActivationTable(
     embedding_held_graph=(),
     head_stored=(Term("h", n=1), Term("row", n=2)),
     mask=(),
+    frozen_unsaved=(Term("h", n=0.875),),
 )
 
 GPT2_SDPA = ActivationTable(

@@ -60,12 +60,20 @@ def _storage_key(storage: torch.UntypedStorage) -> int:
     return storage._cdata
 
 
+def _dense(tensor: torch.Tensor) -> Iterator[torch.Tensor]:
+    """The strided tensors holding `tensor`'s memory: itself, or a sparse COO tensor's indices
+    and values (embedding gradients of a fused update are sparse; they have no one storage)."""
+    if tensor.layout == torch.strided:
+        yield tensor
+    elif tensor.layout == torch.sparse_coo:
+        yield tensor._indices()
+        yield tensor._values()
+
+
 def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
     """Bytes of the distinct storages behind `tensors` (views and repeats counted once)."""
     seen: dict[int, int] = {}
-    for tensor in tensors:
-        if tensor is None:
-            continue
+    for tensor in (d for t in tensors if t is not None for d in _dense(t)):
         storage = tensor.untyped_storage()
         seen[_storage_key(storage)] = storage.nbytes()
     return sum(seen.values())
@@ -129,13 +137,13 @@ class _StorageTracker:
 
     def forget(self, tensors: Iterable[torch.Tensor]) -> None:
         """Stop counting these tensors' storages (they are now part of the resident bytes)."""
-        for tensor in tensors:
+        for tensor in (d for t in tensors for d in _dense(t)):
             self._freed(_storage_key(tensor.untyped_storage()))
         self.peak = max(self.peak, self.live)
 
     def record(self, outputs: object, args: tuple, kwargs: dict) -> None:
         # Most ops return one tensor; skip the generator for them (this runs for every op).
-        if type(outputs) is torch.Tensor:
+        if type(outputs) is torch.Tensor and outputs.layout == torch.strided:
             self._record_one(outputs, args, kwargs)
         else:
             for tensor in _tensors_in(outputs):
@@ -173,7 +181,7 @@ def _is_input_storage(key: int, args: tuple, kwargs: dict) -> bool:
 def _tensors_in(value: object) -> Iterator[torch.Tensor]:
     # Op arguments and results are tensors, scalars, or (nested) lists/tuples of them.
     if isinstance(value, torch.Tensor):
-        yield value
+        yield from _dense(value)
     elif isinstance(value, (list, tuple)):
         for item in value:
             yield from _tensors_in(item)

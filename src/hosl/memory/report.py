@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig
 
@@ -94,6 +95,18 @@ def _scores_label(est: MemoryEstimate) -> str:
     return "candidate scores (B x P x V)"
 
 
+def _savings_lines(est: MemoryEstimate) -> list[str]:
+    """One line naming the memory-saving choices the estimate was made with, if any."""
+    parts = [f"checkpointing: {', '.join(est.checkpointing)}"] if est.checkpointing else []
+    if est.fused_update:
+        parts.append("fused SGD update on the client")
+    if est.client_optimizer:
+        parts.append(f"client optimizer {est.client_optimizer}")
+    parts += [f"LoRA rank {spec.rank} on {', '.join(spec.targets)} ({party})"
+              for party, spec in est.adapters.items()]
+    return ["; ".join(parts)] if parts else []
+
+
 def format_report(est: MemoryEstimate, label: str, *, full_logits_server: int | None = None) -> str:
     """The table `hosl memory` prints: one column per party, one row per component, the peak."""
     k, n = est.split_layer, est.n_layers
@@ -112,6 +125,7 @@ def format_report(est: MemoryEstimate, label: str, *, full_logits_server: int | 
         f"batch {est.batch} x {est.length} tokens, {est.dtype}, {optimizer}, q={est.q}, "
         f"{est.positions} scored position(s) per sequence, {est.logits} logits, "
         f"{est.attention} attention",
+        *_savings_lines(est),
         "",
     ]
     names = list(est.parties)
@@ -155,15 +169,19 @@ def run_memory_command(
     q: int = 1,
     as_json: bool = False,
     attention: str = DEFAULT_ATTENTION,
+    savings: dict[str, Any] | None = None,
 ) -> str:
-    """What `hosl memory` prints: the per-party table, or JSON (bytes) with `as_json`."""
+    """What `hosl memory` prints: the per-party table, or JSON (bytes) with `as_json`.
+
+    `savings` are `estimate`'s memory-saving arguments (checkpointing, fused_update,
+    client_optimizer, adapters); the full-logits comparison gets the same ones."""
     if mode not in MODES:
         raise ConfigError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
     label, config = load_model_config(model)
     split = _check_split(mode, split_layer, config)
     kwargs = dict(
         split_layer=split, batch=batch_size, length=max_length, mode=mode, dtype=dtype,
-        optimizer=optimizer, q=q, attention=attention,
+        optimizer=optimizer, q=q, attention=attention, **(savings or {}),
     )
     est = estimate(config, logits=logits, **kwargs)
     full = None
