@@ -161,12 +161,13 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     """Parse a YAML or command-line value into the field's type, or explain why not."""
+    base = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    target = base[0]
     if isinstance(value, str) and hint is not str:
         if value.lower() in ("null", "none") and type(None) in typing.get_args(hint):
             return None
-        value = load_yaml(value)
-    base = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
-    target = base[0]
+        if target is not str:  # an optional string is taken as written (q_proj,v_proj)
+            value = load_yaml(value)
     if value is None and type(None) in typing.get_args(hint):
         return None
     if target is float and isinstance(value, int) and not isinstance(value, bool):
