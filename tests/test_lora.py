@@ -233,3 +233,51 @@ def test_a_part_with_nothing_to_adapt_is_refused() -> None:
                   model=replace(TrainConfig().model, split_layer=0))
     with pytest.raises(ConfigError, match="client.adapter lora: no module .* q_proj, v_proj"):
         build_run(cfg, tiny_llama())
+
+
+def _family_model(family: str) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM, GPT2Config, OPTConfig
+
+    torch.manual_seed(0)
+    if family == "llama":
+        return tiny_llama()
+    if family == "opt":
+        config = OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=3, num_attention_heads=4,
+                           vocab_size=40, max_position_embeddings=64, word_embed_proj_dim=32,
+                           dropout=0.0, attention_dropout=0.0)
+    else:
+        config = GPT2Config(n_embd=32, n_inner=64, n_layer=3, n_head=4, vocab_size=40,
+                            n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                            bos_token_id=0, eos_token_id=0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("family,per_block", [("llama", 2), ("opt", 2), ("gpt2", 1)])
+def test_each_family_adapts_its_attention_and_merges_back_into_plain_weights(
+    family, per_block
+) -> None:
+    """Default targets per family; merged into the plain model (GPT-2's Conv1D is stored
+    transposed), the adapters give the logits the adapted split model gives."""
+    from hosl.models.lora import merge_adapters
+
+    model = _family_model(family)
+    run = build_run(_cfg("hosl", **{"client.adapter": "lora", "server.adapter": "lora"}), model)
+    client, server = {n for n, _ in run.client.zo.named}, {n for n, _ in run.server.zo.named}
+    assert len(client) == 2 * per_block and len(server) == 2 * 2 * per_block
+    assert not client & server
+    ids = torch.randint(3, 34, (2, 7))  # tiny_llama has 34 tokens, the others 40
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        plain = model(ids, attention_mask=mask).logits
+        torch.testing.assert_close(_logits(run, ids, mask), plain, rtol=0, atol=1e-5)
+        for part in (run.client.part, run.server.part):
+            for module in part.modules():
+                if isinstance(module, LoraLayer):
+                    module.lora_B["default"].weight.normal_(0, 0.5)
+        adapted = _logits(run, ids, mask)
+        assert (adapted - plain).abs().max() > 1e-2
+        # the server's head is the model's own or a copy equal to it: nothing trained it here
+        assert merge_adapters(model) == 3 * per_block
+        assert not any("lora" in n for n, _ in model.named_parameters())
+        torch.testing.assert_close(model(ids, attention_mask=mask).logits, adapted,
+                                   rtol=0, atol=1e-4)
