@@ -17,7 +17,9 @@ Three things hosl adds to what peft does:
   alone: a networked client that restarts from the pretrained weights rebuilds it exactly, and a
   split run starts from the same adapter as the unsplit one.
 - dtype: adapters are kept in float32 whatever the base's dtype (as peft's own
-  `autocast_adapter_dtype` does): they are small, and an FO optimizer then needs no master copy.
+  `autocast_adapter_dtype` does): they are small, an FO optimizer then needs no master copy, and
+  a ZO update needs no stochastic rounding. A ZO party over a bf16 base still computes in float32:
+  `hosl.zo.engine` casts the frozen base on use, one module at a time.
 
 Dropout is never used: every part runs in eval mode (a ZO difference must see one function).
 """
