@@ -63,3 +63,32 @@ def test_lora_on_both_sides_over_grpc_equals_in_process_and_exports(
     assert len(ours) == len(plain) == 32
     for p, s in zip(ours, plain):
         assert max(abs(a - b) for a, b in zip(p["scores"], s)) < 1e-4
+
+
+def test_a_client_ahead_of_its_server_restarts_from_the_adapter_its_seed_gives(
+    tiny_model_dir, tmp_path
+) -> None:
+    """A client with no checkpoint at or before the server's step goes back to the pretrained
+    model and rebuilds its adapter from the run's seed, to replay from there."""
+    from types import SimpleNamespace
+
+    from hosl.build import build_run
+    from hosl.config import load_config
+    from hosl.models.loading import load_pretrained
+    from hosl.remote import RemoteSession
+    from hosl.transport.base import WireStats
+
+    cfg = load_config(None, {"model.name": str(tiny_model_dir), "model.split_layer": 1,
+                             "client.adapter": "lora"})
+    fresh = build_run(cfg, load_pretrained(str(tiny_model_dir))[0])
+    run = build_run(cfg, load_pretrained(str(tiny_model_dir))[0])
+    with torch.no_grad():
+        for p in run.client.part.parameters():
+            p.add_(1.0)  # trained far away, base and adapters alike
+    transport = SimpleNamespace(stats=WireStats())
+    session = RemoteSession(run, cfg, transport, tmp_path, batches=lambda step: [])
+    assert session._restore(5) == 0
+    a, b = fresh.client.part.state_dict(), run.client.part.state_dict()
+    assert a.keys() == b.keys() and any("lora_A" in k for k in a)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
