@@ -55,6 +55,8 @@ def test_lora_on_both_sides_over_grpc_equals_in_process_and_exports(
     common = ["--eval-examples", "-1", "--server-run", str(srv)]
     assert main(["eval", "--run", str(second), *common, "--output", str(tmp_path / "e")]) == 0
     ours = [json.loads(x) for x in (tmp_path / "e" / "predictions.jsonl").read_text().splitlines()]
+    assert main(["export", str(second), "--output", str(tmp_path / "hf")]) == 2
+    assert f"hosl export {second} --server-run SERVER_DIR" in capsys.readouterr().err
     assert main(["export", str(second), "--output", str(tmp_path / "hf"),
                  "--server-run", str(srv)]) == 0
     record = json.loads((tmp_path / "hf" / "export.json").read_text())

@@ -77,7 +77,7 @@ def _config(
 
 
 def _split_state(
-    cfg: TrainConfig, run_dir: Path, server_run: Path | None
+    cfg: TrainConfig, run_dir: Path, server_run: Path | None, command: str = "hosl eval --run"
 ) -> tuple[int, dict[str, Any]] | None:
     """(step, state) of a run's newest checkpoint, with the server's part from `server_run` when
     the run is a networked client's (and that server's own `server.*` config under
@@ -93,8 +93,7 @@ def _split_state(
         if networked_client:
             raise HoslError(
                 f"--run {run_dir} is a `hosl client` run: its server part lives in the `hosl "
-                f"serve` directory; evaluate with `hosl eval --run {run_dir} --server-run "
-                "SERVER_DIR`"
+                f"serve` directory; give it: `{command} {run_dir} --server-run SERVER_DIR`"
             )
         return step, state
     if not networked_client:

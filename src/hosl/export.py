@@ -43,7 +43,7 @@ def export_run(
         raise HoslError(f"{run_dir}: not a run directory (no config.yaml)")
     check_empty(output, "export directory")
     cfg = load_config(run_dir / "config.yaml")
-    loaded = _split_state(cfg, run_dir, server_run)
+    loaded = _split_state(cfg, run_dir, server_run, command="hosl export")
     if loaded is None:
         raise HoslError(f"{run_dir} has no checkpoint: let the run finish (or resume it) first")
     step, state = loaded
