@@ -300,3 +300,13 @@ def test_a_lora_client_over_a_bf16_base_computes_in_float32(tokenizer) -> None:
     assert exact.abs().max() > 0.05  # the perturbation reaches h (through B)
     # bf16 base weights are float32's rounded: the directional change agrees to a few percent
     assert (change - exact).norm() < 0.05 * exact.norm()
+
+
+def test_a_checkpoint_of_other_adapters_is_refused() -> None:
+    from hosl.errors import HoslError
+
+    saved = build_run(_cfg("fo-full", **{"client.adapter": "lora"}), tiny_llama()).state_dict()
+    other = build_run(_cfg("fo-full", **{"client.adapter": "lora",
+                                         "client.lora_targets": "q_proj"}), tiny_llama())
+    with pytest.raises(HoslError, match="the model's checkpoint does not hold this run's adapters"):
+        other.load_state_dict(saved)

@@ -64,8 +64,8 @@ class PartyState:
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        who = type(self).__name__.removesuffix("Party").removesuffix("Runner").lower()
-        load_trained_state(self.part, state["part"], who or "model")
+        who = {"ClientParty": "client", "ServerParty": "server"}.get(type(self).__name__, "model")
+        load_trained_state(self.part, state["part"], who)
         if self.optimizer is not None and "optimizer" in state:
             self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and "scheduler" in state:
