@@ -13,12 +13,13 @@ from transformers import PreTrainedModel
 from hosl.algos.full_modes import FULL_STEPS, FullRunner
 from hosl.algos.split_modes import SPLIT_STEPS, SplitRunner, run_concurrently, run_in_turn
 from hosl.batching import Batch
-from hosl.config import TrainConfig
+from hosl.config import AdapterConfig, TrainConfig
 from hosl.dtypes import DTYPES
 from hosl.fused_sgd import FusedSgd
 from hosl.master_weights import MasterWeights
 from hosl.models.blocks import use_checkpointing
-from hosl.models.split import split_model, unsplit_model
+from hosl.models.lora import attach_lora
+from hosl.models.split import ClientPart, ServerPart, split_model, unsplit_model
 from hosl.optim import build_optimizer, build_scheduler, lr_factor
 from hosl.parties.client import ClientParty
 from hosl.parties.server import ServerParty
@@ -114,6 +115,27 @@ def prepare_server_part(cfg: TrainConfig, part: torch.nn.Module) -> None:
         use_checkpointing(part)
 
 
+def with_adapter(part: torch.nn.Module, cfg: TrainConfig, who: str) -> torch.nn.Module:
+    """`part` with the LoRA adapters `cfg.client` / `cfg.server` asks for (in place), if any."""
+    spec: AdapterConfig = getattr(cfg, who)
+    if spec.lora():
+        attach_lora(part, rank=spec.lora_rank, alpha=spec.lora_alpha, targets=spec.lora_targets,
+                    seed=cfg.seed, who=who)
+    return part
+
+
+def split_parts(
+    cfg: TrainConfig, model: PreTrainedModel, *, client: bool = True, server: bool = True
+) -> tuple[ClientPart, ServerPart]:
+    """The model cut at `cfg.model.split_layer`, each kept part with its party's adapter."""
+    client_part, server_part = split_model(model, cfg.model.split_layer)
+    if client:
+        with_adapter(client_part, cfg, "client")
+    if server:
+        with_adapter(server_part, cfg, "server")
+    return client_part, server_part
+
+
 def build_run(
     cfg: TrainConfig, model: PreTrainedModel, transport: Transport | None = None
 ) -> Run:
@@ -123,7 +145,7 @@ def build_run(
         return cfg.zo.lr * lr_factor(step, cfg.steps, cfg.optim.schedule)
 
     if cfg.mode in FULL_STEPS:
-        part = unsplit_model(model)
+        part = with_adapter(unsplit_model(model), cfg, "client")  # the one party's adapter
         opt, sched = (
             fo_optimizer(cfg, part.parameters()) if cfg.mode == "fo-full" else (None, None)
         )
@@ -139,7 +161,7 @@ def build_run(
         )
         return Run(mode=cfg.mode, runner=runner, step_fn=FULL_STEPS[cfg.mode])
 
-    client_part, server_part = split_model(model, cfg.model.split_layer)
+    client_part, server_part = split_parts(cfg, model, server=transport is None)
     client_opt, client_sched, fused = fo_client(cfg, client_part) if cfg.mode == "fo" else (
         None, None, None
     )

@@ -1,4 +1,4 @@
-"""`hosl` command line: train, eval, serve, client, models.
+"""`hosl` command line: train, eval, serve, client, export, models.
 
 Every user mistake (bad value, unknown key, missing file, unreachable hub) ends with one line on
 stderr and exit status 2, before anything is written.
@@ -253,6 +253,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from hosl.export import export_run
+
+    record = export_run(
+        Path(args.run_dir), Path(args.output),
+        server_run=Path(args.server_run) if args.server_run else None,
+    )
+    print(f"exported step {record['step']} of {record['run']} to {record['output']} "
+          f"({record['merged_lora_layers']} LoRA layers merged)")
+    if record["untied_embedding_and_head"]:
+        print("the client's trained embedding and the server's trained head were one tied matrix "
+              "before the split: both are exported, untied (tie_word_embeddings: false)")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from hosl.models.loading import format_models_table, list_models
 
@@ -369,6 +384,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--output", help="directory for predictions.jsonl and eval.json (default: "
                     "RUN_DIR/eval-<task>, else runs/eval-<task>-<date>-<time>[-N])")
     ev.set_defaults(func=cmd_eval)
+
+    export = sub.add_parser(
+        "export", help="one Hugging Face model from a finished run, adapters merged"
+    )
+    export.add_argument("run_dir", metavar="RUN_DIR", help="the run (a `hosl client` run: "
+                        "with --server-run)")
+    export.add_argument("--output", required=True, metavar="DIR",
+                        help="empty directory for save_pretrained's files and the tokenizer")
+    export.add_argument("--server-run", metavar="SERVER_DIR",
+                        help="for a `hosl client` run: the `hosl serve` directory holding its "
+                        "server part (the checkpoint of the same step is used)")
+    export.set_defaults(func=cmd_export)
 
     models = sub.add_parser("models", help="list model aliases and what is cached")
     models.set_defaults(func=cmd_models)

@@ -83,9 +83,30 @@ class OptimConfig:
     schedule: str = "constant"
 
 
+# A party's adapter: none (every parameter of its part trains) or LoRA (only the adapters train).
+ADAPTERS = ("none", "lora")
+
+
 @dataclass(frozen=True)
-class ClientConfig:
-    """The `fo` client's own choices: what a memory-conscious first-order client reaches for."""
+class AdapterConfig:
+    """A party's adapter (`client.*`, `server.*`; in fo-full and zo-full `client.*` adapts the
+    whole model, which that one party trains). See `hosl.models.lora`."""
+
+    adapter: str = "none"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0  # must stay 0: every part runs in eval mode
+    lora_targets: str | None = None  # comma-separated module names; None: the family's default
+
+    def lora(self) -> bool:
+        return self.adapter == "lora"
+
+
+
+@dataclass(frozen=True)
+class ClientConfig(AdapterConfig):
+    """The client's adapter, and the `fo` client's own choices: what a memory-conscious
+    first-order client reaches for."""
 
     optimizer: str | None = None  # None: optim.optimizer (the server's)
     lr: float | None = None  # None: optim.lr
@@ -98,8 +119,9 @@ FO_SERVER_MODES = ("hosl", "fo", "frozen")
 
 
 @dataclass(frozen=True)
-class ServerConfig:
-    """The server's own memory choices, in every split mode whose server backpropagates."""
+class ServerConfig(AdapterConfig):
+    """The server's adapter and memory choices (in process; a `hosl serve` reads its own config).
+    Checkpointing applies in every split mode whose server backpropagates."""
 
     checkpointing: bool = False  # recompute each server block's activations in the backward
 
@@ -147,12 +169,13 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     """Parse a YAML or command-line value into the field's type, or explain why not."""
+    base = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    target = base[0]
     if isinstance(value, str) and hint is not str:
         if value.lower() in ("null", "none") and type(None) in typing.get_args(hint):
             return None
-        value = load_yaml(value)
-    base = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
-    target = base[0]
+        if target is not str:  # an optional string is taken as written (q_proj,v_proj)
+            value = load_yaml(value)
     if value is None and type(None) in typing.get_args(hint):
         return None
     if target is float and isinstance(value, int) and not isinstance(value, bool):
@@ -264,8 +287,9 @@ def validate(cfg: TrainConfig) -> None:
         ),
         (cfg.client.lr is None or cfg.client.lr > 0, "client.lr must be > 0"),
         (
-            cfg.mode == "fo" or cfg.client == ClientConfig(),
-            f"client.* configures the first-order client of mode fo; mode {cfg.mode} has none",
+            cfg.mode == "fo" or _fo_client_defaults(cfg.client),
+            f"client.optimizer, client.lr, client.checkpointing and client.fused_update configure "
+            f"the first-order client of mode fo; mode {cfg.mode} has none",
         ),
         (
             not cfg.client.fused_update
@@ -312,7 +336,7 @@ def validate(cfg: TrainConfig) -> None:
             "train_examples and eval_examples must be positive, or -1 for the whole set",
         ),
     ]
-    for ok, message in checks:
+    for ok, message in checks + _adapter_checks(cfg):
         if not ok:
             raise ConfigError(message)
     check_split_layer(cfg.model.split_layer)
@@ -320,6 +344,48 @@ def validate(cfg: TrainConfig) -> None:
         value = getattr(cfg.data, key)
         if value is not None and not Path(value).is_file():
             raise ConfigError(f"--{key.replace('_', '-')} {value}: no such file")
+
+
+def _fo_client_defaults(client: ClientConfig) -> bool:
+    return (client.optimizer, client.lr, client.checkpointing, client.fused_update) == (
+        None, None, False, False
+    )
+
+
+def _adapter_fields(config: AdapterConfig) -> dict[str, Any]:
+    """The adapter settings of a party's section (client.* and server.* hold others too)."""
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(AdapterConfig)}
+
+
+def _adapter_checks(cfg: TrainConfig) -> list[tuple[bool, str]]:
+    """The adapter settings of both parties, and the modes and settings they combine with."""
+    checks: list[tuple[bool, str]] = []
+    for who in ("client", "server"):
+        a: AdapterConfig = getattr(cfg, who)
+        checks += [
+            (a.adapter in ADAPTERS,
+             f"{who}.adapter must be one of {', '.join(ADAPTERS)}, got {a.adapter!r}"),
+            (a.lora_rank >= 1, f"{who}.lora_rank must be >= 1, got {a.lora_rank}"),
+            (a.lora_alpha > 0, f"{who}.lora_alpha must be > 0, got {a.lora_alpha}"),
+            (a.lora_dropout == 0,
+             f"{who}.lora_dropout must be 0: hosl runs every part in eval mode (a ZO difference "
+             "must see one function), so dropout is off everywhere"),
+            (a.lora_targets is None or bool(a.lora_targets.strip(" ,")),
+             f"{who}.lora_targets names no module; give e.g. q_proj,v_proj or leave it unset"),
+            (a.lora() or _adapter_fields(a) == _adapter_fields(AdapterConfig()),
+             f"{who}.lora_* settings need {who}.adapter lora (it is {a.adapter})"),
+        ]
+    full = cfg.mode.endswith("-full")
+    checks += [
+        (cfg.mode != "frozen" or not cfg.client.lora(),
+         "mode frozen's client never trains: drop client.adapter (server.adapter is allowed)"),
+        (not full or cfg.server == ServerConfig(),
+         f"mode {cfg.mode} has no server: client.adapter adapts the whole model; drop server.*"),
+        (cfg.zo.embedding_noise == "all" or not cfg.client.lora(),
+         "zo.embedding_noise batch makes the client's embedding noise row-sparse, but with "
+         "client.adapter lora the embedding is frozen and has no noise; drop one of the two"),
+    ]
+    return checks
 
 
 def check_split_layer(k: int, n_layers: int | None = None, model: str = "") -> int:

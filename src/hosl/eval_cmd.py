@@ -77,10 +77,11 @@ def _config(
 
 
 def _split_state(
-    cfg: TrainConfig, run_dir: Path, server_run: Path | None
+    cfg: TrainConfig, run_dir: Path, server_run: Path | None, command: str = "hosl eval --run"
 ) -> tuple[int, dict[str, Any]] | None:
     """(step, state) of a run's newest checkpoint, with the server's part from `server_run` when
-    the run is a networked client's; None for a run without checkpoints."""
+    the run is a networked client's (and that server's own `server.*` config under
+    "server_config": its adapter is set on its side); None for a run without checkpoints."""
     loaded = load_latest(run_dir)
     if loaded is None:
         if server_run is not None:
@@ -92,8 +93,7 @@ def _split_state(
         if networked_client:
             raise HoslError(
                 f"--run {run_dir} is a `hosl client` run: its server part lives in the `hosl "
-                f"serve` directory; evaluate with `hosl eval --run {run_dir} --server-run "
-                "SERVER_DIR`"
+                f"serve` directory; give it: `{command} {run_dir} --server-run SERVER_DIR`"
             )
         return step, state
     if not networked_client:
@@ -113,7 +113,7 @@ def _split_state(
             f"--server-run {server_run} has no checkpoint of step {step}, the client's newest"
         )
     server_state = torch.load(path, map_location="cpu", weights_only=True)
-    return step, {**state, "server": server_state["server"]}
+    return step, {**state, "server": server_state["server"], "server_config": server_cfg.server}
 
 
 def run_eval(
@@ -147,6 +147,8 @@ def run_eval(
         seed=cfg.seed,
     )
     loaded = _split_state(cfg, run_dir, server_run) if run_dir is not None else None
+    if loaded is not None and "server_config" in loaded[1]:  # the server's adapter is its own
+        cfg = replace(cfg, server=loaded[1].pop("server_config"))
     net, tokenizer = load_pretrained(cfg.model.name, dtype=DTYPES[cfg.model.dtype])
     if not cfg.mode.endswith("-full"):
         check_split_layer(cfg.model.split_layer, num_layers(net), cfg.model.name)

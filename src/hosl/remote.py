@@ -27,12 +27,11 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from hosl.build import Run
-from hosl.config import SPLIT_MODES, TrainConfig
+from hosl.build import Run, split_parts
+from hosl.config import SPLIT_MODES, ServerConfig, TrainConfig
 from hosl.dtypes import DTYPES
 from hosl.errors import ConfigError, HoslError
 from hosl.models.loading import load_pretrained
-from hosl.models.split import split_model
 from hosl.transport.address import split_address
 from hosl.transport.base import WireStats
 from hosl.transport.grpc_client import GrpcTransport
@@ -88,6 +87,11 @@ def make_transport(cfg: TrainConfig, model: PreTrainedModel, opts: RemoteOptions
     if cfg.mode not in SPLIT_MODES:
         raise ConfigError(
             f"--server needs a split mode ({', '.join(SPLIT_MODES)}), not {cfg.mode!r}"
+        )
+    if cfg.server != ServerConfig():
+        raise ConfigError(
+            "server.* configures an in-process server; a `hosl serve` process takes its adapter "
+            "from its own config (hosl serve --set server.adapter=lora): drop server.* here"
         )
     identity = identity_for(
         cfg.model.name,
@@ -198,7 +202,7 @@ class RemoteSession:
             self.transport.stats.load(meta.get("wire", {}))
             return base
         model, _ = load_pretrained(self.cfg.model.name, dtype=DTYPES[self.cfg.model.dtype])
-        fresh, _ = split_model(model, self.cfg.model.split_layer)
+        fresh, _ = split_parts(self.cfg, model, server=False)  # its adapter: a function of the seed
         client.part.load_state_dict(fresh.state_dict())
         if client.optimizer is not None:
             client.optimizer.state.clear()

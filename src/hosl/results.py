@@ -2,9 +2,10 @@
 
 A row is one run: its resolved configuration flattened to dotted keys (`model.split_layer`,
 `zo.lr`, ...), the scalar fields of its summary.json (`eval_accuracy`, `client_peak_bytes`, ...),
-`run` (the directory's name), `run_dir` and `client_params` (d_c, the number of parameters the
-client trains; None for the unsplit modes). `hosl sweep` writes `results.csv` and `results.md`
-from these rows; `hosl report` plots them.
+`run` (the directory's name), `run_dir` and `client_params` (the client part's parameters; None
+for the unsplit modes; `client_trainable_params`, from summary.json, is d_c: what the client
+trains, its adapters alone with `client.adapter lora`). `hosl sweep` writes `results.csv` and
+`results.md` from these rows; `hosl report` plots them.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from hosl.config import SPLIT_MODES
 # The columns every results table starts with (the README's tables are built from them).
 COLUMNS = (
     "run", "mode", "model", "task", "split_layer", "q", "seed", "steps", "eval_accuracy",
-    "zero_shot_accuracy", "client_params", "client_peak_bytes", "server_peak_bytes", "wire_bytes",
-    "round_trips", "seconds_per_step", "wall_seconds",
+    "zero_shot_accuracy", "client_params", "client_trainable_params", "client_peak_bytes",
+    "server_peak_bytes", "wire_bytes", "round_trips", "seconds_per_step", "wall_seconds",
 )
 # Swept dotted keys that already have a column of their own under a shorter name.
 ALIASES = {

@@ -27,13 +27,13 @@ from types import FrameType
 import grpc
 import torch
 
-from hosl.build import fo_optimizer, prepare_server_part
+from hosl.build import fo_optimizer, prepare_server_part, split_parts
 from hosl.checkpoint import load_latest, save_checkpoint
 from hosl.config import SPLIT_MODES, TrainConfig, check_split_layer, dump_config
 from hosl.dtypes import DTYPES
 from hosl.errors import ConfigError
 from hosl.models.loading import load_pretrained
-from hosl.models.split import num_layers, split_model
+from hosl.models.split import num_layers
 from hosl.parties.server import ServerParty
 from hosl.rundir import check_empty, claim_dir, stamp
 from hosl.transport.address import bind_problem, check_port, resolve_host
@@ -151,7 +151,8 @@ def build_server_party(cfg: TrainConfig) -> tuple[ServerParty, object, int]:
     model, _ = load_pretrained(cfg.model.name, dtype=DTYPES[cfg.model.dtype])
     check_split_layer(cfg.model.split_layer, num_layers(model), cfg.model.name)
     config = model.config
-    client_part, server_part = split_model(model, cfg.model.split_layer)
+    # the server's adapter (server.*) is this process's setting: a client never sends its own
+    client_part, server_part = split_parts(cfg, model, client=False)
     del model, client_part  # the embeddings and blocks 0..k-1 are the client's
     gc.collect()
     prepare_server_part(cfg, server_part)

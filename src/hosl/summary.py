@@ -12,6 +12,7 @@ import torch
 from hosl.build import Run
 from hosl.config import TrainConfig
 from hosl.memory.measure import peak_rss_bytes
+from hosl.models.lora import trainable_count
 
 
 @dataclass
@@ -68,6 +69,13 @@ def build_summary(
         "eval_examples": n_eval,
         "client_params": param_count(run.parties()["client"].part),
         "server_params": param_count(run.server.part) if run.server is not None else None,
+        # d_c: what the client trains (its ZO target in hosl and zo; its adapters alone with
+        # client.adapter lora); the server's likewise (None when it is another process)
+        "client_trainable_params": 0 if cfg.mode == "frozen" else trainable_count(
+            run.parties()["client"].part),
+        "server_trainable_params": (
+            trainable_count(run.server.part) if run.server is not None else None
+        ),
         "zero_shot_accuracy": zero_shot,
         "eval_accuracy": final,
         # None, not NaN (invalid JSON), when this session trained no step of its own (a client

@@ -10,6 +10,7 @@ from torch import nn
 
 from hosl.errors import Diverged
 from hosl.memory.measure import PartyMeter
+from hosl.models.lora import load_trained_state, trained_state
 
 
 class PartyState:
@@ -54,7 +55,8 @@ class PartyState:
             self.meter.set_resident_state(self.part, self.optimizer)
 
     def state_dict(self) -> dict:
-        state: dict = {"part": self.part.state_dict()}
+        # a part with adapters keeps only them: its frozen base is the pretrained model's
+        state: dict = {"part": trained_state(self.part)}
         if self.optimizer is not None:
             state["optimizer"] = self.optimizer.state_dict()
         if self.scheduler is not None:
@@ -62,7 +64,8 @@ class PartyState:
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        self.part.load_state_dict(state["part"])
+        who = {"ClientParty": "client", "ServerParty": "server"}.get(type(self).__name__, "model")
+        load_trained_state(self.part, state["part"], who)
         if self.optimizer is not None and "optimizer" in state:
             self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and "scheduler" in state:

@@ -96,8 +96,9 @@ class ZoTarget:
 
     @property
     def low_precision(self) -> bool:
-        """True when some parameter is stored below float32: forwards then compute in float32."""
-        return any(p.dtype.itemsize < 4 for _, p in self.named)
+        """True when some parameter is stored below float32: forwards then compute in float32.
+        Frozen ones count too: a float32 adapter over a bf16 base computes in float32 as well."""
+        return any(p.dtype.itemsize < 4 for p in self.module.parameters())
 
     def __len__(self) -> int:
         return len(self.named)
@@ -105,13 +106,18 @@ class ZoTarget:
     def numel(self) -> int:
         return sum(p.numel() for _, p in self.named)
 
-    def owners(self) -> Iterator[tuple[nn.Module, list[tuple[str, str]]]]:
-        """Each module that directly owns trainable parameters, with (attribute, canonical name)."""
+    def owners(self) -> Iterator[tuple[nn.Module, list[tuple[str, str | None]]]]:
+        """Each module that directly owns trainable parameters, with (attribute, canonical name).
+
+        In a low-precision target, modules that own frozen parameters below float32 (the base
+        under a LoRA adapter) are owners too, with name None: they are cast, never perturbed.
+        """
+        cast_frozen = self.low_precision
         for module in self.module.modules():
-            owned = [
-                (attr, self._name_of[id(p)])
+            owned: list[tuple[str, str | None]] = [
+                (attr, self._name_of.get(id(p)))
                 for attr, p in module.named_parameters(recurse=False)
-                if id(p) in self._name_of
+                if id(p) in self._name_of or (cast_frozen and p.dtype.itemsize < 4)
             ]
             if owned:
                 yield module, owned
@@ -135,6 +141,9 @@ def PerturbedForward(  # noqa: N802
             hook = _add_row_noise(target, owned[0][1], seed, scale)
             handles.append(module.register_forward_hook(hook))
             continue
+        if _frozen_lookup(module, owned):  # its looked-up rows in float32, never a (V, d) copy
+            handles.append(module.register_forward_hook(_rows_in_float32))
+            continue
         stash: dict[str, nn.Parameter] = {}
 
         def swap_in(mod: nn.Module, _args: object, owned=owned, stash=stash) -> None:
@@ -143,7 +152,7 @@ def PerturbedForward(  # noqa: N802
                 if not isinstance(param, nn.Parameter):
                     continue  # an enclosing PerturbedForward already swapped it in
                 stash[attr] = param
-                if seed is None:
+                if seed is None or name is None:  # a clean forward, or a frozen tensor
                     perturbed = param.detach().to(compute_dtype(param.dtype))
                 else:  # one new tensor: z, scaled and shifted in place into θ + scale·z
                     z = noise_for(param, seed, name).to(compute_dtype(param.dtype))
@@ -164,7 +173,9 @@ def PerturbedForward(  # noqa: N802
             handle.remove()
 
 
-def _looks_up_rows(module: nn.Module, owned: list[tuple[str, str]], target: ZoTarget) -> bool:
+def _looks_up_rows(
+    module: nn.Module, owned: list[tuple[str, str | None]], target: ZoTarget
+) -> bool:
     """A plain nn.Embedding (no max_norm renormalisation) whose weight's noise is row-wise."""
     return (
         type(module) is nn.Embedding  # subclasses (OPT's positions) may remap their input
@@ -172,6 +183,15 @@ def _looks_up_rows(module: nn.Module, owned: list[tuple[str, str]], target: ZoTa
         and [attr for attr, _ in owned] == ["weight"]
         and owned[0][1] in target.row_wise
     )
+
+
+def _frozen_lookup(module: nn.Module, owned: list[tuple[str, str | None]]) -> bool:
+    """A plain nn.Embedding whose weight is frozen (cast only, see `ZoTarget.owners`)."""
+    return type(module) is nn.Embedding and module.max_norm is None and owned == [("weight", None)]
+
+
+def _rows_in_float32(_mod: nn.Module, _args: tuple, out: torch.Tensor) -> torch.Tensor:
+    return out.to(compute_dtype(out.dtype))  # (B, L, d)
 
 
 def _add_row_noise(target: ZoTarget, name: str, seed: int | None, scale: float):  # noqa: ANN202
