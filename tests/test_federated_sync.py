@@ -7,6 +7,7 @@ single-client run fed the same batches, and byte counts from the record layout w
 
 from __future__ import annotations
 
+import dataclasses
 import io
 
 import pytest
@@ -265,3 +266,96 @@ def test_client_configs_that_cannot_work_are_refused() -> None:
     with pytest.raises(ConfigError, match="clients.order"):
         load_config(overrides={"clients.order": "random"})
     assert load_config(overrides={"clients.n": "2"}).clients.n == 2
+
+
+# Stage 4: the parallel schedule -----------------------------------------------------------------
+
+
+class _CleanRecorder:
+    """A transport that keeps the clean activations each hosl step sent."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.clean = inner, []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def hosl_step(self, req):
+        self.clean.append(req.clean.clone())
+        return self.inner.hosl_step(req)
+
+
+def _parallel_cfg(**kw) -> TrainConfig:
+    cfg = _cfg(n=3, noise="batch", **kw)
+    return dataclasses.replace(cfg, clients=dataclasses.replace(cfg.clients, schedule="parallel"))
+
+
+def test_a_parallel_round_steps_every_client_on_the_rounds_theta_c(tokenizer) -> None:
+    """Within a round every client's clean h is the forward of the θ_c the round began with
+    (a reference copy advanced by whole rounds only); after the round θ_c is that θ_c plus the
+    round's records in schedule order; one model per client agrees, bitwise, after every round."""
+    cfg = _parallel_cfg()
+    shared, copies = _federated(cfg), _federated(cfg, copies=True)
+    recorder = _CleanRecorder(shared.runner.transport)
+    shared.runner.transport = recorder
+    reference = split_model(_model(), cfg.model.split_layer)[0]
+    m = shared.schedule.per_round
+    losses = {"shared": [], "copies": []}
+    for step in range(6):
+        batches = _batches(shared, tokenizer, cfg, step)
+        for name, run in (("shared", shared), ("copies", copies)):
+            losses[name].append(run.train_step(batches, step))
+        with torch.inference_mode():
+            want = reference(batches[0].input_ids, batches[0].attention_mask).hidden
+        assert torch.equal(recorder.clean[-1], want), step
+        if step % m == m - 1:
+            round_records = shared.sync.log.since(len(shared.sync.log) - m)
+            assert [r.client for r in round_records] == shared.schedule.round_clients(step // m)
+            replay(ZoTarget(reference), round_records)
+            _assert_bitwise(reference, shared.client.part)
+            for c, party in enumerate(copies.copies):
+                replay(party.zo, copies.sync.catch_up(c))
+                _assert_bitwise(party.part, shared.client.part)
+    assert losses["shared"] == losses["copies"]
+    # not the sequential run: there the second client steps on the first one's θ_c
+    sequential = _federated(_cfg(n=3, noise="batch"))
+    for step in range(3):
+        sequential.train_step(_batches(sequential, tokenizer, cfg, step), step)
+    assert any(not torch.equal(p, q) for p, q in zip(sequential.client.part.parameters(),
+                                                    shared.client.part.parameters()))
+
+
+def test_a_parallel_client_downloads_only_the_others_records(tokenizer) -> None:
+    cfg = _parallel_cfg()
+    run = _federated(cfg)
+    for step in range(6):
+        run.train_step(_batches(run, tokenizer, cfg, step), step)
+    records = run.sync.log.since(0)
+    for c, book in enumerate(run.sync.books):
+        # round 0's records, fetched before each client's round-1 step, minus its own
+        assert book.down_bytes == sum(_record_size(r) for r in records[:3] if r.client != c)
+        assert book.up_bytes == sum(_record_size(r) for r in records if r.client == c)
+
+
+def test_a_checkpoint_inside_a_parallel_round_resumes_exactly(tokenizer) -> None:
+    cfg = _parallel_cfg()
+    straight, first = _federated(cfg), _federated(cfg)
+    for step in range(6):
+        straight.train_step(_batches(straight, tokenizer, cfg, step), step)
+    for step in range(4):  # one step into round 1
+        first.train_step(_batches(first, tokenizer, cfg, step), step)
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)
+    buffer.seek(0)
+    second = _federated(cfg)
+    second.load_state_dict(torch.load(buffer, weights_only=True))
+    for step in range(4, 6):
+        second.train_step(_batches(second, tokenizer, cfg, step), step)
+    _assert_bitwise(second.client.part, straight.client.part)
+    _assert_bitwise(second.server.part, straight.server.part)
+    assert second.sync.log.encoded_since(0) == straight.sync.log.encoded_since(0)
+
+
+def test_parallel_steps_fill_whole_rounds() -> None:
+    with pytest.raises(ConfigError, match="multiple of the 3 client steps"):
+        load_config(overrides={"clients.n": "3", "clients.schedule": "parallel", "steps": "7"})

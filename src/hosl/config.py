@@ -31,7 +31,7 @@ ESTIMATORS = ("losses", "cut-grad")
 # looked up (the gradient is zero on the others, so the estimate stays unbiased; see README).
 EMBEDDING_NOISE = ("all", "batch")
 # How many clients take their steps (see hosl.federated): one client's batch per step, in turn.
-CLIENT_SCHEDULES = ("sequential",)
+CLIENT_SCHEDULES = ("sequential", "parallel")
 # Built-in evaluation splits are sampled to this many examples unless data.eval_examples says
 # otherwise; a user's --eval-file is read whole and in order.
 DEFAULT_EVAL_EXAMPLES = 500
@@ -101,7 +101,9 @@ class ClientsConfig:
 
     n: int = 1  # clients; 1 is the ordinary single-client run
     partition: str = "iid"  # how the training set is shared: iid | dirichlet:ALPHA
-    schedule: str = "sequential"  # one client's batch per step, clients in turn
+    # sequential: one client's batch per step, clients in turn, each on the θ_c its predecessor
+    # left; parallel: every client of a round steps on the θ_c the round began with
+    schedule: str = "sequential"
     order: str = "round-robin"  # which clients step in a round: round-robin | sampled
     fraction: float = 1.0  # share of the clients that step in each round
 
@@ -322,7 +324,7 @@ def validate(cfg: TrainConfig) -> None:
 def validate_clients(cfg: TrainConfig) -> None:
     """The `clients.*` section: values, and the modes whose client a record can describe."""
     from hosl.federated.partition import parse_partition
-    from hosl.federated.schedule import ORDERS
+    from hosl.federated.schedule import ORDERS, ClientSchedule
 
     c = cfg.clients
     parse_partition(c.partition)
@@ -337,6 +339,12 @@ def validate_clients(cfg: TrainConfig) -> None:
          f"in sync by replaying each other's ZO update records, and a {cfg.mode} client's update "
          "is not one"),
     ]
+    per_round = ClientSchedule(max(1, c.n), fraction=min(max(c.fraction, 1e-9), 1.0)).per_round
+    checks.append((
+        c.schedule != "parallel" or cfg.steps % per_round == 0,
+        f"clients.schedule parallel applies a round's updates when the round ends: steps "
+        f"({cfg.steps}) must be a multiple of the {per_round} client steps of a round",
+    ))
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)

@@ -129,6 +129,10 @@ class UpdateLog:
         """`since(index)` as the wire carries it."""
         return self._encoded[index:]
 
+    def sized_since(self, index: int) -> list[tuple[ClientUpdate, int]]:
+        """`since(index)`, each record with its encoded size."""
+        return list(zip(self.since(index), self._sizes[index:]))
+
     def nbytes(self, start: int = 0, stop: int | None = None) -> int:
         """Encoded bytes of records start..stop-1."""
         return sum(self._sizes[start:stop])

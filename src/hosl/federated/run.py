@@ -1,4 +1,4 @@
-"""N clients sharing one client model, in process: the sequential schedule.
+"""N clients sharing one client model, in process: the sequential and parallel schedules.
 
 Each step belongs to one client (`ClientSchedule`): that client catches up with the update log,
 takes one ordinary training step on a batch of its own data (the step functions of
@@ -28,7 +28,7 @@ from hosl.batching import Batch
 from hosl.build import Run
 from hosl.config import TrainConfig
 from hosl.federated.partition import label_skew, parse_partition, partition_indices
-from hosl.federated.records import replay
+from hosl.federated.records import ClientUpdate, UpdateLog, replay
 from hosl.federated.schedule import ClientSchedule
 from hosl.federated.sync import RecordSync
 from hosl.parties.client import ClientParty
@@ -43,7 +43,11 @@ class FederatedRun(Run):
     parts: list[list[int]] = field(default_factory=list)  # training-set indices of each client
     sync: RecordSync = field(default_factory=lambda: RecordSync(1))
     copies: list[ClientParty] | None = None  # one model per client (tests), else None: shared
+    parallel: bool = False  # the parallel schedule (see `train_step`)
+    total_steps: int = 0  # the run's steps: a parallel run's last round ends with its last step
     _eval_cursor: int = 0  # with copies: how much of the log `client` (the evaluation view) holds
+    # parallel: the current round's (client, update), applied when the round ends
+    _round: list[tuple[int, ClientUpdate | None]] = field(default_factory=list)
 
     def example_indices(
         self, num_examples: int, step: int, batch_size: int, grad_accum: int, seed: int
@@ -62,18 +66,34 @@ class FederatedRun(Run):
         return self.client if self.copies is None else self.copies[client]
 
     def train_step(self, micro_batches: Sequence[Batch], step: int) -> float:
+        """One client's step. Sequential: it catches up, steps, and its record joins the log at
+        once, so the next client steps on the θ_c this one left. Parallel: every client of a
+        round steps on the θ_c the round began with (its own update is held back); when the
+        round ends its records join the log in the schedule's order and everyone applies them
+        in that order. The server steps after each client either way (see docs/many_clients.md
+        for why)."""
         client = self.schedule.client_at(step)
         party = self.client_party(client)
         records = self.sync.catch_up(client)
         if self.copies is not None:
             replay(party.zo, records)  # one shared copy already holds every record
         party.last_update = None
+        party.defer_updates = self.parallel
         runner = dataclasses.replace(self.runner, client=party)  # type: ignore[type-var]
         loss = self.step_fn(runner, micro_batches, step)
         update = party.last_update
         if update is not None:
             update = dataclasses.replace(update, step=step, client=client)
-        self.sync.commit(client, update)
+        if not self.parallel:
+            self.sync.commit(client, update)
+            return loss
+        self._round.append((client, update))
+        per_round = self.schedule.per_round
+        if step % per_round == per_round - 1 or step == self.total_steps - 1:
+            appended = self.sync.commit_round(self._round)
+            self._round = []
+            if self.copies is None:  # the one shared θ_c applies the round now
+                replay(self.client.zo, appended)  # type: ignore[union-attr]
         return loss
 
     def scores(self, batch: Batch) -> torch.Tensor:
@@ -84,11 +104,21 @@ class FederatedRun(Run):
         return super().scores(batch)
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "clients": self.sync.state_dict()}
+        pending = UpdateLog()  # a parallel round cut by a checkpoint: its records so far
+        pending.append(update for _, update in self._round if update is not None)
+        return {
+            **super().state_dict(),
+            "clients": {**self.sync.state_dict(), "round": pending.state_dict(),
+                        "round_clients": [client for client, _ in self._round]},
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.sync.load_state_dict(state["clients"])
+        pending = UpdateLog()
+        pending.load_state_dict(state["clients"]["round"])
+        held = {record.client: record for record in pending.since(0)}
+        self._round = [(c, held.get(c)) for c in state["clients"]["round_clients"]]
 
     def report(self, steps: int, labels: Sequence[int], predictions: Path | None) -> dict:
         """The `clients` entry of summary.json: data, sync bytes beside FedAvg's, per-client
@@ -101,6 +131,7 @@ class FederatedRun(Run):
         rounds = self.schedule.rounds(steps)
         return {
             "n": self.schedule.n,
+            "schedule": "parallel" if self.parallel else "sequential",
             "order": self.schedule.order,
             "fraction": self.schedule.fraction,
             "per_round": self.schedule.per_round,
@@ -159,6 +190,8 @@ def federate(
         schedule=ClientSchedule(c.n, c.order, c.fraction, cfg.seed),
         parts=parts,
         sync=RecordSync(c.n),
+        parallel=c.schedule == "parallel",
+        total_steps=cfg.steps,
         copies=[_replica(run.client) for _ in range(c.n)] if copies else None,
     )
 

@@ -41,12 +41,14 @@ class RecordSync:
         return len(self.books) - 1
 
     def catch_up(self, client: int) -> list[ClientUpdate]:
-        """The records `client` lacks (counted as downloaded); it holds the whole log after."""
+        """The records `client` lacks; it holds the whole log after. Its own records (the
+        parallel schedule appends them after its step) it kept, so only the others' count as
+        downloaded."""
         book = self.books[client]
-        records = self.log.since(book.cursor)
-        book.down_bytes += self.log.nbytes(book.cursor)
+        sized = self.log.sized_since(book.cursor)
+        book.down_bytes += sum(size for record, size in sized if record.client != client)
         book.cursor = len(self.log)
-        return records
+        return [record for record, _ in sized]
 
     def commit(self, client: int, update: ClientUpdate | None) -> None:
         """`client`'s step is done; `update` (None: the step changed no client parameter) is
@@ -64,6 +66,21 @@ class RecordSync:
         self.log.append([update])
         book.up_bytes += self.log.nbytes(len(self.log) - 1)
         book.cursor = len(self.log)
+
+    def commit_round(self, updates: list[tuple[int, ClientUpdate | None]]) -> list[ClientUpdate]:
+        """The parallel schedule: a round's (client, update) pairs, all computed on the same θ_c,
+        appended in this (the schedule's) order; every client applies them in that order at its
+        next catch-up. Returns the records appended."""
+        records = []
+        for client, update in updates:
+            book = self.books[client]
+            book.steps += 1
+            if update is None:
+                continue
+            self.log.append([update])
+            book.up_bytes += self.log.nbytes(len(self.log) - 1)
+            records.append(update)
+        return records
 
     def state_dict(self) -> dict[str, Any]:
         return {"log": self.log.state_dict(), "books": [asdict(b) for b in self.books]}

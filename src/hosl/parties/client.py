@@ -93,6 +93,8 @@ class ClientParty(PartyState):
         self.scheduler = scheduler
         self.lazy_pairs = lazy_pairs  # see LazyDeltas: for transports that stream each activation
         self.last_update: ClientUpdate | None = None  # the record of the last ZO step applied
+        # many clients, parallel schedule: a step's record is kept, and applied with the round's
+        self.defer_updates = False
 
     @torch.inference_mode()
     def activations(self, batch: Batch, seed: int | None = None, scale: float = 0.0) -> Activations:
@@ -136,8 +138,9 @@ class ClientParty(PartyState):
             coefs=tuple((int(seed), float(coef)) for seed, coef in seeds_and_coefs),
             rows=self.zo.take_rows(),
         )
-        with self.phase("update"):
-            update.apply(self.zo)
+        if not self.defer_updates:
+            with self.phase("update"):
+                update.apply(self.zo)
         self.last_update = update
 
     # First-order split (mode `fo`) -------------------------------------------------------------
