@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from hosl.cli import main
@@ -29,11 +30,13 @@ def _client_state(run: Path) -> dict[str, torch.Tensor]:
     return state["client"]["part"]
 
 
+@pytest.mark.parametrize("schedule", ["sequential", "parallel"])
 def test_three_clients_write_their_data_and_report_sync(
-    tiny_model_dir, sentiment_files, tmp_path
+    tiny_model_dir, sentiment_files, tmp_path, schedule
 ) -> None:
     out = tmp_path / "run"
-    assert _train(tiny_model_dir, sentiment_files, out, "--steps", "6", *CLIENTS) == 0
+    flags = (*CLIENTS[:-1], schedule)
+    assert _train(tiny_model_dir, sentiment_files, out, "--steps", "6", *flags) == 0
     rows = [json.loads(x) for x in sentiment_files[0].read_text().splitlines()]
     meta = json.loads((out / "clients" / "partition.json").read_text())
     written = []
@@ -45,6 +48,7 @@ def test_three_clients_write_their_data_and_report_sync(
 
     clients = json.loads((out / "summary.json").read_text())["clients"]
     assert (clients["n"], clients["rounds"], clients["log_records"]) == (3, 2, 6)
+    assert clients["schedule"] == schedule
     assert [c["steps"] for c in clients["per_client"]] == [2, 2, 2]
     moved = sum(c["down_bytes"] + c["up_bytes"] for c in clients["per_client"])
     assert clients["sync_bytes_per_client_round"] == moved / 6

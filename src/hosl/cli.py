@@ -87,9 +87,10 @@ TRAIN_FLAGS: dict[str, tuple[str, type, str]] = {
         "(label skew; smaller ALPHA, stronger skew)",
     ),
     "--client-schedule": (
-        "clients.schedule", str, "how clients take steps: sequential (one client's batch per "
-        "step, in turn; order and share per round: --set clients.order=round-robin|sampled, "
-        "clients.fraction=F)",
+        "clients.schedule", str, "how clients take steps, one client's batch per step: "
+        "sequential (each on the client model its predecessor left) | parallel (every client of "
+        "a round on the model the round began with); order and share per round: --set "
+        "clients.order=round-robin|sampled, clients.fraction=F",
     ),
 }
 # Old spellings still accepted.
