@@ -28,7 +28,7 @@ from hosl.dtypes import DTYPES
 from hosl.errors import ConfigError, Diverged, check_finite_update
 from hosl.evaluation import evaluate
 from hosl.federated.partition import write_partition
-from hosl.federated.run import FederatedRun, federate
+from hosl.federated.run import FederatedRun, client_partition, federate
 from hosl.models.loading import load_pretrained
 from hosl.models.split import num_layers
 from hosl.remote import RemoteOptions, RemoteSession, make_transport
@@ -97,6 +97,12 @@ def train(
     """Train `cfg`; with `remote`, against a `hosl serve` process instead of in-process."""
     # Every check that needs no model comes first: a mistake costs no model load.
     train_set, eval_set = _examples(cfg)
+    if remote is not None and cfg.clients.n > 1:
+        raise ConfigError("clients.n > 1 runs in process only: a server for many networked "
+                          "clients is not built yet; drop --server")
+    labels = [ex.label for ex in train_set]
+    # many clients: their data partition (which can fail for too few examples) before the model
+    parts = client_partition(cfg, labels) if cfg.clients.n > 1 else None
     if resume_dir is None and cfg.output:
         check_empty(Path(cfg.output))
     torch.manual_seed(cfg.seed)
@@ -104,17 +110,14 @@ def train(
     if cfg.mode not in ("fo-full", "zo-full"):
         check_split_layer(cfg.model.split_layer, num_layers(model), cfg.model.name)
     transport = None
-    if remote is not None and cfg.clients.n > 1:
-        raise ConfigError("clients.n > 1 runs in process only: a server for many networked "
-                          "clients is not built yet; drop --server")
     try:
         if remote is not None:
             transport = make_transport(cfg, model, remote)
             transport.connect()  # a refused token or handshake fails here, before any file
         run = build_run(cfg, model, transport)
         del model  # the parts hold what they need; a remote client keeps only its own part
-        if cfg.clients.n > 1:  # many clients sharing the client model (hosl.federated)
-            run = federate(cfg, run, [ex.label for ex in train_set])
+        if parts is not None:  # many clients sharing the client model (hosl.federated)
+            run = federate(cfg, run, labels, parts=parts)
         run_dir = resume_dir or make_run_dir(cfg)
         (run_dir / "config.yaml").write_text(dump_config(cfg))
         if isinstance(run, FederatedRun):

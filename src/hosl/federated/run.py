@@ -177,13 +177,24 @@ def per_client_accuracy(
     return out
 
 
+def client_partition(cfg: TrainConfig, labels: Sequence[int]) -> list[list[int]]:
+    """Each client's training-set indices under `cfg.clients`."""
+    c = cfg.clients
+    return partition_indices(labels, c.n, parse_partition(c.partition), cfg.seed)
+
+
 def federate(
-    cfg: TrainConfig, run: Run, labels: Sequence[int], copies: bool = False
+    cfg: TrainConfig,
+    run: Run,
+    labels: Sequence[int],
+    copies: bool = False,
+    parts: list[list[int]] | None = None,
 ) -> FederatedRun:
-    """`run` taken over by `cfg.clients.n` clients sharing its client model."""
+    """`run` taken over by `cfg.clients.n` clients sharing its client model (`parts`: their
+    data, by default `client_partition`)."""
     c = cfg.clients
     assert run.client is not None, "clients need a split run"
-    parts = partition_indices(labels, c.n, parse_partition(c.partition), cfg.seed)
+    parts = client_partition(cfg, labels) if parts is None else parts
     fields = {f.name: getattr(run, f.name) for f in dataclasses.fields(Run)}
     return FederatedRun(
         **fields,
