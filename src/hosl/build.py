@@ -23,6 +23,7 @@ from hosl.models.split import ClientPart, ServerPart, split_model, unsplit_model
 from hosl.optim import build_optimizer, build_scheduler, lr_factor
 from hosl.parties.client import ClientParty
 from hosl.parties.server import ServerParty
+from hosl.sampler import step_indices
 from hosl.transport.base import Transport
 from hosl.transport.local import LocalTransport
 
@@ -43,6 +44,12 @@ class Run:
 
     def scores(self, batch: Batch) -> torch.Tensor:
         return self.runner.scores(batch)
+
+    def example_indices(
+        self, num_examples: int, step: int, batch_size: int, grad_accum: int, seed: int
+    ) -> list[list[int]]:
+        """Training-set indices of `step`'s micro-batches (many clients: the stepping client's)."""
+        return step_indices(num_examples, step, batch_size, grad_accum, seed)
 
     def state_dict(self) -> dict[str, Any]:
         if self.client is None:

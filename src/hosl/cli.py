@@ -78,6 +78,20 @@ TRAIN_FLAGS: dict[str, tuple[str, type, str]] = {
     "--dtype": ("model.dtype", str, DTYPE_HELP),
     "--wire-dtype": ("wire_dtype", str, "dtype of activations on the wire: " + DTYPE_HELP),
     "--output": ("output", str, "run directory"),
+    "--clients": (
+        "clients.n", int, "clients sharing one client model, kept in sync by replaying each "
+        "other's ZO update records (in process; modes hosl, zo, frozen)",
+    ),
+    "--partition": (
+        "clients.partition", str, "how the clients share the training set: iid | dirichlet:ALPHA "
+        "(label skew; smaller ALPHA, stronger skew)",
+    ),
+    "--client-schedule": (
+        "clients.schedule", str, "how clients take steps, one client's batch per step: "
+        "sequential (each on the client model its predecessor left) | parallel (every client of "
+        "a round on the model the round began with); order and share per round: --set "
+        "clients.order=round-robin|sampled, clients.fraction=F",
+    ),
 }
 # Old spellings still accepted.
 FLAG_ALIASES = {"--zo-lr": ("--client-lr",), "--fo-lr": ("--server-lr",)}

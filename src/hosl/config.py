@@ -30,6 +30,8 @@ ESTIMATORS = ("losses", "cut-grad")
 # Where an embedding's z is drawn for the update: on every row, or on the rows the step's batch
 # looked up (the gradient is zero on the others, so the estimate stays unbiased; see README).
 EMBEDDING_NOISE = ("all", "batch")
+# How many clients take their steps (see hosl.federated): one client's batch per step, in turn.
+CLIENT_SCHEDULES = ("sequential", "parallel")
 # Built-in evaluation splits are sampled to this many examples unless data.eval_examples says
 # otherwise; a user's --eval-file is read whole and in order.
 DEFAULT_EVAL_EXAMPLES = 500
@@ -127,6 +129,19 @@ class ServerConfig(AdapterConfig):
 
 
 @dataclass(frozen=True)
+class ClientsConfig:
+    """Many clients sharing one client model, in process (see docs/many_clients.md)."""
+
+    n: int = 1  # clients; 1 is the ordinary single-client run
+    partition: str = "iid"  # how the training set is shared: iid | dirichlet:ALPHA
+    # sequential: one client's batch per step, clients in turn, each on the θ_c its predecessor
+    # left; parallel: every client of a round steps on the θ_c the round began with
+    schedule: str = "sequential"
+    order: str = "round-robin"  # which clients step in a round: round-robin | sampled
+    fraction: float = 1.0  # share of the clients that step in each round
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     mode: str = "hosl"
     steps: int = 100
@@ -145,6 +160,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     client: ClientConfig = field(default_factory=ClientConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    clients: ClientsConfig = field(default_factory=ClientsConfig)
 
 
 class _Loader(yaml.SafeLoader):
@@ -339,6 +355,7 @@ def validate(cfg: TrainConfig) -> None:
     for ok, message in checks + _adapter_checks(cfg):
         if not ok:
             raise ConfigError(message)
+    validate_clients(cfg)
     check_split_layer(cfg.model.split_layer)
     for key in ("train_file", "eval_file"):
         value = getattr(cfg.data, key)
@@ -386,6 +403,35 @@ def _adapter_checks(cfg: TrainConfig) -> list[tuple[bool, str]]:
          "client.adapter lora the embedding is frozen and has no noise; drop one of the two"),
     ]
     return checks
+
+
+def validate_clients(cfg: TrainConfig) -> None:
+    """The `clients.*` section: values, and the modes whose client a record can describe."""
+    from hosl.federated.partition import parse_partition
+    from hosl.federated.schedule import ORDERS, ClientSchedule
+
+    c = cfg.clients
+    parse_partition(c.partition)
+    checks = [
+        (c.n >= 1, f"clients.n (--clients) must be >= 1, got {c.n}"),
+        (c.schedule in CLIENT_SCHEDULES,
+         f"clients.schedule must be one of {', '.join(CLIENT_SCHEDULES)}, got {c.schedule!r}"),
+        (c.order in ORDERS, f"clients.order must be one of {', '.join(ORDERS)}, got {c.order!r}"),
+        (0 < c.fraction <= 1, f"clients.fraction must be in (0, 1], got {c.fraction}"),
+        (c.n == 1 or cfg.mode in ("hosl", "zo", "frozen"),
+         f"clients.n > 1 needs a zeroth-order client (mode hosl, zo or frozen): the clients stay "
+         f"in sync by replaying each other's ZO update records, and a {cfg.mode} client's update "
+         "is not one"),
+    ]
+    per_round = ClientSchedule(max(1, c.n), fraction=min(max(c.fraction, 1e-9), 1.0)).per_round
+    checks.append((
+        c.schedule != "parallel" or cfg.steps % per_round == 0,
+        f"clients.schedule parallel applies a round's updates when the round ends: steps "
+        f"({cfg.steps}) must be a multiple of the {per_round} client steps of a round",
+    ))
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
 
 
 def check_split_layer(k: int, n_layers: int | None = None, model: str = "") -> int:

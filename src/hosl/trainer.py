@@ -27,11 +27,12 @@ from hosl.config import TrainConfig, check_split_layer, dump_config, load_config
 from hosl.dtypes import DTYPES
 from hosl.errors import ConfigError, Diverged, check_finite_update
 from hosl.evaluation import evaluate
+from hosl.federated.partition import write_partition
+from hosl.federated.run import FederatedRun, client_partition, federate
 from hosl.models.loading import load_pretrained
 from hosl.models.split import num_layers
 from hosl.remote import RemoteOptions, RemoteSession, make_transport
 from hosl.rundir import check_empty, claim_dir, stamp
-from hosl.sampler import step_indices
 from hosl.summary import StepTimes, build_summary, closing_lines
 from hosl.tasks import load_examples
 from hosl.transport.base import ResyncNeeded
@@ -96,6 +97,12 @@ def train(
     """Train `cfg`; with `remote`, against a `hosl serve` process instead of in-process."""
     # Every check that needs no model comes first: a mistake costs no model load.
     train_set, eval_set = _examples(cfg)
+    if remote is not None and cfg.clients.n > 1:
+        raise ConfigError("clients.n > 1 runs in process only: a server for many networked "
+                          "clients is not built yet; drop --server")
+    labels = [ex.label for ex in train_set]
+    # many clients: their data partition (which can fail for too few examples) before the model
+    parts = client_partition(cfg, labels) if cfg.clients.n > 1 else None
     if resume_dir is None and cfg.output:
         check_empty(Path(cfg.output))
     torch.manual_seed(cfg.seed)
@@ -109,8 +116,12 @@ def train(
             transport.connect()  # a refused token or handshake fails here, before any file
         run = build_run(cfg, model, transport)
         del model  # the parts hold what they need; a remote client keeps only its own part
+        if parts is not None:  # many clients sharing the client model (hosl.federated)
+            run = federate(cfg, run, labels, parts=parts)
         run_dir = resume_dir or make_run_dir(cfg)
         (run_dir / "config.yaml").write_text(dump_config(cfg))
+        if isinstance(run, FederatedRun):
+            write_partition(run_dir, train_set, run.parts, cfg.clients.partition, cfg.seed)
         loop = _Loop(cfg, run, run_dir, tokenizer, train_set, eval_set, echo)
         return loop.train(resume_dir is not None, transport, progress)
     finally:
@@ -194,6 +205,9 @@ class _Loop:
             final=final, loss=loss, wall_seconds=train_seconds, times=times,
             server_address=transport.address if transport is not None else None,
         )
+        if isinstance(run, FederatedRun):
+            summary["clients"] = run.report(cfg.steps, [ex.label for ex in self.train_set],
+                                            self.run_dir / "predictions.jsonl")
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         for line in closing_lines(summary):
             self.echo(line)
@@ -214,7 +228,9 @@ class _Loop:
 
     def batches(self, step: int) -> list:
         cfg = self.cfg
-        idx = step_indices(len(self.train_set), step, cfg.batch_size, cfg.grad_accum, cfg.seed)
+        idx = self.run.example_indices(
+            len(self.train_set), step, cfg.batch_size, cfg.grad_accum, cfg.seed
+        )
         return [
             collate([self.train_set[i] for i in micro], self.tokenizer, cfg.data.max_length,
                     cfg.data.padding_side)

@@ -13,10 +13,11 @@ import torch
 from torch import Tensor
 
 from hosl.batching import Batch
+from hosl.federated.records import ClientUpdate
 from hosl.fused_sgd import FusedSgd
 from hosl.models.split import Activations, ClientPart
 from hosl.parties.state import PartyState
-from hosl.zo import PerturbedForward, ZoTarget, apply_zo_update_
+from hosl.zo import PerturbedForward, ZoTarget
 
 
 class LazyDeltas(Sequence[Tensor]):
@@ -91,6 +92,9 @@ class ClientParty(PartyState):
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.lazy_pairs = lazy_pairs  # see LazyDeltas: for transports that stream each activation
+        self.last_update: ClientUpdate | None = None  # the record of the last ZO step applied
+        # many clients, parallel schedule: a step's record is kept, and applied with the round's
+        self.defer_updates = False
 
     @torch.inference_mode()
     def activations(self, batch: Batch, seed: int | None = None, scale: float = 0.0) -> Activations:
@@ -127,8 +131,17 @@ class ClientParty(PartyState):
     def apply_zo(
         self, seeds_and_coefs: Sequence[tuple[int, float]], lr: float, weight_decay: float = 0.0
     ) -> None:
-        with self.phase("update"):
-            apply_zo_update_(self.zo, seeds_and_coefs, lr, weight_decay, self.zo.take_rows())
+        """Apply one step's update as a `ClientUpdate` record, kept in `last_update`: the record
+        is all another client needs to make the same change (see hosl.federated.records)."""
+        update = ClientUpdate(
+            step=-1, client=-1, lr=lr, weight_decay=weight_decay,
+            coefs=tuple((int(seed), float(coef)) for seed, coef in seeds_and_coefs),
+            rows=self.zo.take_rows(),
+        )
+        if not self.defer_updates:
+            with self.phase("update"):
+                update.apply(self.zo)
+        self.last_update = update
 
     # First-order split (mode `fo`) -------------------------------------------------------------
 

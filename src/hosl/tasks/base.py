@@ -36,6 +36,9 @@ class Example:
     # counted) and the 1-based line it starts on. None for built-in data.
     source_index: int | None = field(default=None, compare=False, repr=False)
     source_line: int | None = field(default=None, compare=False, repr=False)
+    # The row's task columns as read (text fields, then the label id): what a data file of this
+    # example holds, so a subset of examples can be written back out (`hosl.federated.partition`).
+    row: Mapping[str, object] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not 0 <= self.label < len(self.candidates):
@@ -72,7 +75,9 @@ class Task:
         if "label" not in row:
             raise DataError(self._missing("label"))
         label = parse_label(row["label"], self)
-        return Example(self.template(text), self.verbalizer(text), label)
+        return Example(
+            self.template(text), self.verbalizer(text), label, row={**text, "label": label}
+        )
 
     def _text(self, row: Mapping[str, object], name: str) -> str:
         if name not in row or row[name] is None:
