@@ -22,6 +22,17 @@ for study in "${studies[@]}"; do
     cp -r "runs/sweeps/main/mode=hosl,optim.lr=3e-05,seed=0,zo.lr=1e-05" \
       runs/sweeps/split_layer/mode=hosl,model.split_layer=4
   fi
+  if [ "$study" = lora ]; then
+    # its first four runs are client_share's k = 24 frozen and full-ZO-client runs, identical
+    # configurations: reuse the finished ones instead of training them again
+    for run in "mode=frozen,model.split_layer=24,seed=0" "mode=frozen,model.split_layer=24,seed=1" \
+        "mode=hosl,model.split_layer=24,seed=0,zo.estimator=losses,zo.lr=0.0001" \
+        "mode=hosl,model.split_layer=24,seed=1,zo.estimator=losses,zo.lr=0.0001"; do
+      if [ -f "runs/sweeps/client_share/$run/summary.json" ] && [ ! -e "runs/sweeps/lora/$run" ]; then
+        mkdir -p runs/sweeps/lora && cp -r "runs/sweeps/client_share/$run" "runs/sweeps/lora/$run"
+      fi
+    done
+  fi
   echo "== $study: two shards side by side (logs in runs/sweeps/$study.shard-*.log)"
   mkdir -p runs/sweeps
   $HOSL sweep "$sweep" --shard 1/2 --no-progress >"runs/sweeps/$study.shard-1.log" 2>&1 & one=$!
