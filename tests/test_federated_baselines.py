@@ -9,6 +9,7 @@ parts, and byte counts from |θ_c| alone.
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,6 +30,7 @@ from hosl.errors import ConfigError
 from hosl.federated.records import replay
 from hosl.federated.run import FederatedRun, federate
 from hosl.models.split import split_model
+from hosl.sweep import plan_sweep
 from hosl.zo import ZoTarget
 
 TRAIN = sentiment_examples(30, seed=7)
@@ -217,3 +219,16 @@ def test_baseline_client_configs() -> None:
         load_config(overrides={"mode": "fo", "clients.n": "2", "model.dtype": "bf16"})
     with pytest.raises(ConfigError, match="needs a split mode"):
         load_config(overrides={"mode": "fo-full", "clients.n": "2"})
+
+
+def test_the_many_client_study_plans_its_runs(tmp_path) -> None:
+    """experiments/clients.yaml: every run a valid config, the full grid of the study."""
+    path = Path(__file__).resolve().parents[1] / "experiments" / "clients.yaml"
+    plan = plan_sweep(path, output_root=tmp_path)
+    cells = {(r.config.mode, r.config.clients.n, r.config.clients.partition, r.config.seed)
+             for r in plan.runs}
+    assert len(plan.runs) == len(cells) == 3 * 2 * 3 * 2
+    assert {c[0] for c in cells} == {"hosl", "fo", "zo"}
+    assert {c[2] for c in cells} == {"iid", "dirichlet:1.0", "dirichlet:0.1"}
+    assert all(r.config.clients.schedule == "parallel" and r.config.data.task == "rt"
+               for r in plan.runs)
