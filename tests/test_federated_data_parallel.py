@@ -15,11 +15,13 @@ what any broken scaling or missing all-reduce gives (checked: ≥ 1e-3 here).
 from __future__ import annotations
 
 import os
+import sys
 import time
 import warnings
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -125,6 +127,8 @@ def _one_process() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     return [p.detach() for p in server.parameters()], grads
 
 
+@pytest.mark.skipif(not dist.is_available() or sys.platform != "linux",
+                    reason="needs torch.distributed with gloo, fork and the loopback device lo")
 def test_two_ranks_end_at_the_parameters_of_one_process(tmp_path) -> None:
     ranks = _run_ranks(tmp_path)
     params, grads = _one_process()
