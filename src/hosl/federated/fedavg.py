@@ -6,7 +6,8 @@ downloads the current θ_c, takes its step on its own data, and uploads its mode
 per client per round (`theta_bytes` each way, trainable tensors only: with LoRA, the adapters).
 
 - parallel schedule: every client of a round starts from the θ_c the round began with; when the
-  round ends θ_c becomes the plain mean of the round's client models (SplitFed, FedAvg).
+  round ends θ_c becomes the plain mean of the round's client models (SplitFed, FedAvg: its
+  weights are the examples each client trained on in the round, one batch each, so equal).
 - sequential schedule: each client starts from the model its predecessor uploaded (sequential
   split learning): a "mean" of one model, so nothing is averaged.
 
