@@ -87,6 +87,19 @@ def test_many_clients_are_refused_where_they_are_not_built(
                   "--server", "127.0.0.1:1")
     assert code == 2 and "in process only" in capsys.readouterr().err
     code = _train(tiny_model_dir, sentiment_files, tmp_path / "r", *CLIENTS, "--mode", "fo",
-                  "--embedding-noise", "all")
-    assert code == 2 and "zeroth-order client" in capsys.readouterr().err
+                  "--embedding-noise", "all", "--dtype", "bf16")
+    assert code == 2 and "model.dtype float32" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_splitfed_clients_report_fedavg_bytes(tiny_model_dir, sentiment_files, tmp_path) -> None:
+    """`--mode fo --clients 3`: SplitFed; each client moves θ_c down and up in each round."""
+    out = tmp_path / "fo"
+    assert _train(tiny_model_dir, sentiment_files, out, "--steps", "6", *CLIENTS[:-1],
+                  "parallel", "--mode", "fo", "--embedding-noise", "all") == 0
+    clients = json.loads((out / "summary.json").read_text())["clients"]
+    theta = sum(t.numel() * t.element_size() for t in _client_state(out).values())
+    assert (clients["sync"], clients["rounds"], clients["log_records"]) == ("fedavg", 2, 0)
+    assert [c["down_bytes"] for c in clients["per_client"]] == [2 * theta] * 3
+    assert [c["up_bytes"] for c in clients["per_client"]] == [2 * theta] * 3
+    assert clients["sync_bytes_per_client_round"] == clients["fedavg_bytes_per_client_round"]

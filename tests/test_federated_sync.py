@@ -259,8 +259,8 @@ def test_schedules_are_seeded_and_fair() -> None:
 
 
 def test_client_configs_that_cannot_work_are_refused() -> None:
-    with pytest.raises(ConfigError, match="zeroth-order client"):
-        load_config(overrides={"mode": "fo", "clients.n": "2"})
+    with pytest.raises(ConfigError, match="needs a split mode"):
+        load_config(overrides={"mode": "zo-full", "clients.n": "2"})
     with pytest.raises(ConfigError, match="clients.schedule"):
         load_config(overrides={"clients.n": "2", "clients.schedule": "async"})
     with pytest.raises(ConfigError, match="clients.order"):

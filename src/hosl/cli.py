@@ -80,7 +80,7 @@ TRAIN_FLAGS: dict[str, tuple[str, type, str]] = {
     "--output": ("output", str, "run directory"),
     "--clients": (
         "clients.n", int, "clients sharing one client model, kept in sync by replaying each "
-        "other's ZO update records (in process; modes hosl, zo, frozen)",
+        "other's ZO update records (in process; mode fo: SplitFed, FedAvg of the client models)",
     ),
     "--partition": (
         "clients.partition", str, "how the clients share the training set: iid | dirichlet:ALPHA "

@@ -418,10 +418,14 @@ def validate_clients(cfg: TrainConfig) -> None:
          f"clients.schedule must be one of {', '.join(CLIENT_SCHEDULES)}, got {c.schedule!r}"),
         (c.order in ORDERS, f"clients.order must be one of {', '.join(ORDERS)}, got {c.order!r}"),
         (0 < c.fraction <= 1, f"clients.fraction must be in (0, 1], got {c.fraction}"),
-        (c.n == 1 or cfg.mode in ("hosl", "zo", "frozen"),
-         f"clients.n > 1 needs a zeroth-order client (mode hosl, zo or frozen): the clients stay "
-         f"in sync by replaying each other's ZO update records, and a {cfg.mode} client's update "
-         "is not one"),
+        (c.n == 1 or cfg.mode in SPLIT_MODES,
+         f"clients.n > 1 needs a split mode ({', '.join(SPLIT_MODES)}): mode {cfg.mode} has no "
+         "client part to share"),
+        # SplitFed (fo) swaps each client's model in and out of one float32 part; bf16 parameters
+        # carry float32 master weights (hosl.master_weights) that such a swap would leave stale
+        (c.n == 1 or cfg.mode != "fo" or cfg.model.dtype == "float32",
+         f"clients.n > 1 with mode fo (SplitFed, FedAvg of the client models) needs model.dtype "
+         f"float32, got {cfg.model.dtype}"),
     ]
     per_round = ClientSchedule(max(1, c.n), fraction=min(max(c.fraction, 1e-9), 1.0)).per_round
     checks.append((

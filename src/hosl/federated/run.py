@@ -10,6 +10,11 @@ copy of the client model however many clients there are: catching up is then onl
 bytes a real client would download), never applied. `copies=True` gives every client its own
 model, which really replays its catch-up records before stepping: the networked situation,
 used by the tests to prove that the one-copy run is exact.
+
+The baselines go through the same schedules, partitions and byte counts: `frozen` clients never
+change θ_c (no records, zero sync bytes); `zo` clients send records as `hosl` clients do, and the
+ZO server's own updates are records too (`server_log`); `fo` clients are SplitFed, kept in sync by
+FedAvg of their client models (`hosl.federated.fedavg`), which moves 2 × |θ_c| per client per round.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import torch
 from hosl.batching import Batch
 from hosl.build import Run
 from hosl.config import TrainConfig
+from hosl.federated.fedavg import FedAvgClients
 from hosl.federated.partition import label_skew, parse_partition, partition_indices
 from hosl.federated.records import ClientUpdate, UpdateLog, replay
 from hosl.federated.schedule import ClientSchedule
@@ -45,6 +51,9 @@ class FederatedRun(Run):
     copies: list[ClientParty] | None = None  # one model per client (tests), else None: shared
     parallel: bool = False  # the parallel schedule (see `train_step`)
     total_steps: int = 0  # the run's steps: a parallel run's last round ends with its last step
+    fedavg: FedAvgClients | None = None  # mode fo: SplitFed (see hosl.federated.fedavg)
+    # mode zo: the ZO server's updates, as records (one server: nobody replays them in process)
+    server_log: UpdateLog = field(default_factory=UpdateLog)
     _eval_cursor: int = 0  # with copies: how much of the log `client` (the evaluation view) holds
     # parallel: the current round's (client, update), applied when the round ends
     _round: list[tuple[int, ClientUpdate | None]] = field(default_factory=list)
@@ -73,6 +82,8 @@ class FederatedRun(Run):
         in that order. The server steps after each client either way (see docs/many_clients.md
         for why)."""
         client = self.schedule.client_at(step)
+        if self.fedavg is not None:
+            return self._fedavg_step(client, micro_batches, step)
         party = self.client_party(client)
         records = self.sync.catch_up(client)
         if self.copies is not None:
@@ -84,17 +95,42 @@ class FederatedRun(Run):
         update = party.last_update
         if update is not None:
             update = dataclasses.replace(update, step=step, client=client)
+        self._log_server_update(step)
         if not self.parallel:
             self.sync.commit(client, update)
             return loss
         self._round.append((client, update))
-        per_round = self.schedule.per_round
-        if step % per_round == per_round - 1 or step == self.total_steps - 1:
+        if self._round_ends(step):
             appended = self.sync.commit_round(self._round)
             self._round = []
             if self.copies is None:  # the one shared θ_c applies the round now
                 replay(self.client.zo, appended)  # type: ignore[union-attr]
         return loss
+
+    def _round_ends(self, step: int) -> bool:
+        per_round = self.schedule.per_round
+        return step % per_round == per_round - 1 or step == self.total_steps - 1
+
+    def _fedavg_step(self, client: int, micro_batches: Sequence[Batch], step: int) -> float:
+        """A SplitFed client's step: it downloads θ_c, steps with its own optimizer state, and
+        uploads its model (averaged with the round's others when the round ends, parallel)."""
+        assert self.fedavg is not None
+        self.fedavg.begin(client, self.parallel)
+        loss = self.step_fn(self.runner, micro_batches, step)
+        self.fedavg.end(client, self.parallel, self._round_ends(step))
+        book = self.sync.books[client]
+        book.steps += 1
+        book.down_bytes += self.fedavg.theta_bytes
+        book.up_bytes += self.fedavg.theta_bytes
+        return loss
+
+    def _log_server_update(self, step: int) -> None:
+        """A ZO server's update of this step, if it made one, joins `server_log`."""
+        server = self.server
+        update = getattr(server, "last_update", None) if server is not None else None
+        if update is not None:
+            self.server_log.append([dataclasses.replace(update, step=step, client=-1)])
+            server.last_update = None  # type: ignore[union-attr]
 
     def scores(self, batch: Batch) -> torch.Tensor:
         if self.copies is not None:  # `client` is then a replica of its own, kept for evaluation
@@ -109,7 +145,9 @@ class FederatedRun(Run):
         return {
             **super().state_dict(),
             "clients": {**self.sync.state_dict(), "round": pending.state_dict(),
-                        "round_clients": [client for client, _ in self._round]},
+                        "round_clients": [client for client, _ in self._round],
+                        "server_log": self.server_log.state_dict(),
+                        **({"fedavg": self.fedavg.state_dict()} if self.fedavg else {})},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -119,6 +157,10 @@ class FederatedRun(Run):
         pending.load_state_dict(state["clients"]["round"])
         held = {record.client: record for record in pending.since(0)}
         self._round = [(c, held.get(c)) for c in state["clients"]["round_clients"]]
+        if "server_log" in state["clients"]:
+            self.server_log.load_state_dict(state["clients"]["server_log"])
+        if self.fedavg is not None:
+            self.fedavg.load_state_dict(state["clients"]["fedavg"])
 
     def report(self, steps: int, labels: Sequence[int], predictions: Path | None) -> dict:
         """The `clients` entry of summary.json: data, sync bytes beside FedAvg's, per-client
@@ -131,6 +173,8 @@ class FederatedRun(Run):
         rounds = self.schedule.rounds(steps)
         return {
             "n": self.schedule.n,
+            # how θ_c stays the same on every client: replayed records, or FedAvg (mode fo)
+            "sync": "fedavg" if self.fedavg is not None else "records",
             "schedule": "parallel" if self.parallel else "sequential",
             "order": self.schedule.order,
             "fraction": self.schedule.fraction,
@@ -140,6 +184,8 @@ class FederatedRun(Run):
             "label_skew": label_skew(labels, self.parts),
             "log_records": len(self.sync.log),
             "log_bytes": self.sync.log.nbytes(),
+            "server_log_records": len(self.server_log),
+            "server_log_bytes": self.server_log.nbytes(),
             # each participation is one client in one round: what it moved to stay in sync
             "sync_bytes_per_client_round": sync_bytes / participations if participations else 0,
             "fedavg_bytes_per_client_round": 2 * theta_bytes,
@@ -204,6 +250,7 @@ def federate(
         parallel=c.schedule == "parallel",
         total_steps=cfg.steps,
         copies=[_replica(run.client) for _ in range(c.n)] if copies else None,
+        fedavg=FedAvgClients(run.client, c.n) if cfg.mode == "fo" else None,
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from hosl.federated.records import ClientUpdate
 from hosl.models.split import Activations, ServerPart
 from hosl.parties.state import PartyState
 from hosl.protocol import (
@@ -49,6 +50,8 @@ class ServerParty(PartyState):
         self.zo = ZoTarget(part)
         self.dtype = next(part.parameters()).dtype  # parameters' storage (and FO compute) dtype
         self._zo_records: ZoRecords | None = None  # a ZO-ZO step's records until it ends
+        # a ZO-ZO step's update as a record (as a ZO client's): all a replica of θ_s would need
+        self.last_update: ClientUpdate | None = None
 
     def _scores(self, hidden: Tensor, batch: CutBatch) -> Tensor:
         final = self.part(Activations(hidden, batch.attention_mask, batch.position_ids))
@@ -108,6 +111,10 @@ class ServerParty(PartyState):
         if req.update:
             with self.phase("update"):
                 apply_zo_update_(self.zo, self._zo_records.records, req.lr, req.weight_decay)
+            self.last_update = ClientUpdate(
+                step=req.step, client=-1, lr=req.lr, weight_decay=req.weight_decay,
+                coefs=tuple((int(s), float(c)) for s, c in self._zo_records.records),
+            )
             self._zo_records = None
         return ZoStepReply(losses=losses, grads=grads)
 

@@ -1,0 +1,146 @@
+"""The data-parallel server (`hosl.federated.data_parallel`): two CPU ranks (gloo) that each take
+part of every step's batch end at the parameters of one process taking the whole batch.
+
+The one-process reference is the ordinary in-process server (`ServerParty.fo_step`) on the two
+shards joined by the test into one batch. Shards of 3 and 2 examples: unequal, so a rank that
+did not scale its loss by W · B_r / B (plain DDP averaging of per-rank means) ends elsewhere, as
+does a rank whose gradients are not all-reduced.
+
+Tolerance, not bits: the reference sums each parameter's gradient over the 5 examples inside
+one backward, the ranks sum 3 and 2 and then add the two (gloo's all-reduce) and divide by 2
+again, a different order of float32 additions: differences of a few ulps per step, far below
+what any broken scaling or missing all-reduce gives (checked: ≥ 1e-3 here).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import warnings
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from conftest import WORDS, tiny_llama
+from hosl.algos.split_modes import cut
+from hosl.batching import Batch, ScoreSpec, random_batch
+from hosl.federated.data_parallel import DataParallelServer
+from hosl.models.split import split_model
+from hosl.parties.server import ServerParty
+from hosl.protocol import FoStepRequest
+
+SHARDS = (3, 2)  # examples on rank 0 and rank 1
+LENGTH, STEPS, LR = 8, 2, 0.5
+TIMEOUT_S = 60.0  # generous for a loaded 2-core machine; a healthy run takes a few seconds
+
+
+def _shard(step: int, rank: int) -> Batch:
+    """Rank `rank`'s examples of `step`: a full random batch (no padding, so rows line up)."""
+    gen = torch.Generator().manual_seed(1000 * step + rank)
+    return random_batch(SHARDS[rank], LENGTH, len(WORDS), gen, low=4)
+
+
+def _joined(a: Batch, b: Batch) -> Batch:
+    """Two batches as one: b's flat indices shifted past a's sequences, positions, candidates."""
+    sa, sb = a.spec, b.spec
+    spec = ScoreSpec(
+        positions=torch.cat([sa.positions, sb.positions + a.input_ids.numel()]),
+        position_index=torch.cat([sa.position_index, sb.position_index + len(sa.positions)]),
+        tokens=torch.cat([sa.tokens, sb.tokens]),
+        candidate_index=torch.cat(
+            [sa.candidate_index, sb.candidate_index + sa.num_examples * sa.num_candidates]),
+        labels=torch.cat([sa.labels, sb.labels]),
+        num_candidates=sa.num_candidates,
+    )
+    return Batch(torch.cat([a.input_ids, b.input_ids]),
+                 torch.cat([a.attention_mask, b.attention_mask]), spec)
+
+
+def _parts():
+    client, server = split_model(tiny_llama(seed=4), 2)
+    return client.eval(), server
+
+
+def _hidden(client, batch: Batch) -> torch.Tensor:
+    with torch.inference_mode():
+        hidden = client(batch.input_ids, batch.attention_mask).hidden  # (S, L, H)
+    return hidden.clone()  # outside inference mode: a tensor that can require grad
+
+
+def _rank(rank: int, world: int, init_file: str, out: str) -> None:
+    """One rank: its replica, `STEPS` steps on its shard of each step's batch."""
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world, timeout=timedelta(seconds=TIMEOUT_S))
+    try:
+        client, server = _parts()
+        replica = DataParallelServer(server, torch.optim.SGD(server.parameters(), lr=LR))
+        grads = []
+        for step in range(STEPS):
+            batch = _shard(step, rank)
+            _, grad = replica.fo_step(_hidden(client, batch), cut(batch))
+            grads.append(grad)
+        torch.save({"params": [p.detach() for p in server.parameters()], "grads": grads},
+                   Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _run_ranks(tmp_path: Path, world: int = 2) -> list[dict]:
+    # fork: the ranks inherit the imported torch and transformers, and start in about a second
+    # where spawn re-imports them (tens of seconds on a loaded 2-core machine). Each rank sets
+    # one intra-op thread before any torch work, and the deadline below catches a hung one.
+    # Python 3.12+ warns about fork in a process with threads; that is the risk just covered.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ctx = mp.start_processes(_rank, args=(world, str(tmp_path / "init"), str(tmp_path)),
+                                 nprocs=world, join=False, start_method="fork")
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the {world} ranks did not finish in {TIMEOUT_S} s")
+    finally:
+        for process in ctx.processes:
+            if process.is_alive():
+                process.terminate()
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
+
+
+def _one_process() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    client, server = _parts()
+    party = ServerParty(server, torch.optim.SGD(server.parameters(), lr=LR))
+    grads = []
+    for step in range(STEPS):
+        a, b = _shard(step, 0), _shard(step, 1)
+        hidden = torch.cat([_hidden(client, a), _hidden(client, b)])
+        whole = _joined(a, b)
+        reply = party.fo_step(FoStepRequest(step=step, micro=0, update=True, batch=cut(whole),
+                                            hidden=hidden))
+        grads.append(reply.grad)
+    return [p.detach() for p in server.parameters()], grads
+
+
+@pytest.mark.skipif(not dist.is_available() or sys.platform != "linux",
+                    reason="needs torch.distributed with gloo, fork and the loopback device lo")
+def test_two_ranks_end_at_the_parameters_of_one_process(tmp_path) -> None:
+    ranks = _run_ranks(tmp_path)
+    params, grads = _one_process()
+    # the replicas took the same averaged step: bitwise the same θ_s
+    for p0, p1 in zip(ranks[0]["params"], ranks[1]["params"]):
+        assert torch.equal(p0, p1)
+    start = [p.detach() for p in _parts()[1].parameters()]
+    moved = max((p - s).abs().max().item() for p, s in zip(params, start))
+    assert moved > 1e-2  # the steps changed θ_s well beyond the tolerance below
+    for got, want in zip(ranks[0]["params"], params):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # each rank's ∂L/∂h is the global mean loss's gradient at its own rows
+    for step in range(STEPS):
+        joined = torch.cat([ranks[0]["grads"][step], ranks[1]["grads"][step]])
+        torch.testing.assert_close(joined, grads[step], rtol=1e-5, atol=1e-8)
