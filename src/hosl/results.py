@@ -110,26 +110,16 @@ def collect(paths: Iterable[Path]) -> list[dict[str, Any]]:
 def client_params(run_dir: Path, row: dict[str, Any]) -> int | None:
     """d_c: parameters of the client part, from the newest checkpoint, else from the model config.
 
-    Unsplit modes have no client and give None. The checkpoint is memory-mapped, so counting
-    reads only its index, not its weights.
+    Unsplit modes have no client and give None. Counting reads only the checkpoint's index
+    (the safetensors header), not its weights.
     """
     if row.get("mode") not in SPLIT_MODES:
         return None
-    pointer = run_dir / "checkpoints" / "latest"
-    if pointer.is_file():
-        state_file = run_dir / "checkpoints" / pointer.read_text().strip() / "state.pt"
-        if state_file.is_file():
-            import torch
+    from hosl.checkpoint import latest_checkpoint, parameter_count  # torch: only when needed
 
-            state = torch.load(state_file, map_location="cpu", weights_only=True, mmap=True)
-            part = state.get("client", {}).get("part", {})
-            # Tied or shared tensors are one parameter: count each storage region once.
-            seen = {
-                (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel()): t.numel()
-                for t in part.values()
-                if isinstance(t, torch.Tensor) and t.is_floating_point()
-            }
-            return sum(seen.values())
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is not None and (count := parameter_count(checkpoint, "client")) is not None:
+        return count
     return analytic_client_params(row.get("model.name"), row.get("model.split_layer"))
 
 
