@@ -76,7 +76,8 @@ def measure(model: torch.nn.Module, name: str, sets: dict[str, Any]) -> dict[str
 def markdown(result: dict[str, Any]) -> str:
     lines = ["# Checkpoint size", "", f"Command: `{result['command']}`  ",
              f"Date: {result['date']}", "",
-             "| model | configuration | trainable params | files (bytes) | total | legacy state.pt |",
+             "| model | configuration | trainable params | files (bytes) | total "
+             "| legacy state.pt |",
              "|---|---|---:|---|---:|---:|"]
     for model, rows in result["models"].items():
         for label, row in rows.items():
