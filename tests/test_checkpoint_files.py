@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors import safe_open
 
@@ -99,16 +100,18 @@ def test_a_run_of_the_earlier_single_file_layout_resumes_exactly(
     _assert_same(read_checkpoint(_latest(straight)), read_checkpoint(_latest(old)))
 
 
-def test_a_checkpoint_with_its_files_gone_is_refused_with_one_line(
-    tiny_model_dir, sentiment_files, tmp_path, capsys
+@pytest.mark.parametrize("lost,message", [
+    ("training_state.pt", "step-2 named by"), ("server.safetensors", "lacks server.safetensors")])
+def test_a_checkpoint_with_a_file_gone_is_refused_with_one_line(
+    tiny_model_dir, sentiment_files, tmp_path, capsys, lost, message
 ) -> None:
     run = tmp_path / "run"
     assert _train(tiny_model_dir, sentiment_files, run, "--steps", "2") == 0
-    (_latest(run) / "training_state.pt").unlink()
+    (_latest(run) / lost).unlink()
     capsys.readouterr()
     assert main(["train", "--resume", str(run), "--steps", "4", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "step-2 named by" in err and "cannot resume" in err and len(err.splitlines()) == 1
+    assert message in err and "cannot resume" in err and len(err.splitlines()) == 1
 
 
 def test_parameter_count_reads_the_header(tiny_model_dir, sentiment_files, tmp_path) -> None:

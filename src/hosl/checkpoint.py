@@ -40,6 +40,7 @@ from hosl.errors import HoslError
 TRAINING_STATE = "training_state.pt"
 PARAMETERS_SUFFIX = ".safetensors"
 LEGACY_STATE = "state.pt"  # the earlier layout: the whole state in one torch.save file
+_PARTIES = "_parameter_files"  # training_state.pt's list of the parties written as safetensors
 
 
 def save_checkpoint(
@@ -77,6 +78,8 @@ def write_checkpoint(path: Path, state: dict[str, Any]) -> None:
             rest[key] = {k: v for k, v in value.items() if k != "part"}
         else:
             rest[key] = value
+    # which parties have a parameter file: reading finds a missing one instead of a party without
+    rest[_PARTIES] = [k for k, v in state.items() if isinstance(v, dict) and "part" in v]
     torch.save(rest, path / TRAINING_STATE)
 
 
@@ -84,9 +87,12 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     """The state `write_checkpoint` wrote into `path` (or an earlier layout's `state.pt`)."""
     if (path / TRAINING_STATE).is_file():
         state = torch.load(path / TRAINING_STATE, map_location="cpu", weights_only=True)
-        for file in sorted(path.glob(f"*{PARAMETERS_SUFFIX}")):
-            party = file.name.removesuffix(PARAMETERS_SUFFIX)
-            state[party] = {"part": _read_parameters(file), **state.get(party, {})}
+        for party in state.pop(_PARTIES):
+            file = path / f"{party}{PARAMETERS_SUFFIX}"
+            if not file.is_file():
+                raise HoslError(f"checkpoint {path} lacks {file.name}; the run cannot resume from "
+                                "it (an older checkpoint of the run may be complete)")
+            state[party] = {"part": _read_parameters(file), **state[party]}
         return state
     if (path / LEGACY_STATE).is_file():
         return torch.load(path / LEGACY_STATE, map_location="cpu", weights_only=True)
