@@ -6,9 +6,8 @@ import json
 import shutil
 from pathlib import Path
 
-import torch
-
 from conftest import sentiment_rows
+from hosl.checkpoint import read_checkpoint, write_checkpoint
 from hosl.cli import main
 
 
@@ -93,12 +92,14 @@ def test_eval_of_a_client_run_needs_its_server_directory(
     # Split the in-process run into what a client and a server directory would hold.
     client, server = tmp_path / "client", tmp_path / "server"
     shutil.copytree(run, client)
-    state_path = client / "checkpoints" / "step-2" / "state.pt"
-    state = torch.load(state_path, weights_only=True)
-    torch.save({"client": state["client"]}, state_path)
-    (server / "checkpoints" / "step-2").mkdir(parents=True)
+    step = client / "checkpoints" / "step-2"
+    state = read_checkpoint(step)
+    shutil.rmtree(step)
+    for side, path in (("client", step), ("server", server / "checkpoints" / "step-2")):
+        path.mkdir(parents=True)
+        write_checkpoint(path, {side: state[side]})
+        shutil.copy(run / "checkpoints" / "step-2" / "meta.json", path)
     shutil.copy(run / "config.yaml", server / "config.yaml")
-    torch.save({"server": state["server"]}, server / "checkpoints" / "step-2" / "state.pt")
     capsys.readouterr()
 
     assert main(["eval", "--run", str(client)]) == 2

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import hosl.trainer
+from hosl.checkpoint import read_checkpoint
 from hosl.cli import main
 from hosl.config import load_config
 from hosl.optim import SCHEDULES
@@ -112,7 +113,7 @@ def test_train_writes_the_run_directory(
 
 def _final_state(run: Path) -> dict:
     latest = (run / "checkpoints" / "latest").read_text().strip()
-    return torch.load(run / "checkpoints" / latest / "state.pt", weights_only=True)
+    return read_checkpoint(run / "checkpoints" / latest)
 
 
 def _flat(state: object, prefix: str = "") -> dict[str, torch.Tensor]:

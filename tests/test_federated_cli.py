@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from hosl.checkpoint import read_checkpoint
 from hosl.cli import main
 
 
@@ -26,7 +27,7 @@ CLIENTS = ("--clients", "3", "--partition", "dirichlet:0.5", "--client-schedule"
 
 def _client_state(run: Path) -> dict[str, torch.Tensor]:
     latest = (run / "checkpoints" / "latest").read_text().strip()
-    state = torch.load(run / "checkpoints" / latest / "state.pt", weights_only=True)
+    state = read_checkpoint(run / "checkpoints" / latest)
     return state["client"]["part"]
 
 

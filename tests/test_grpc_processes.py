@@ -21,6 +21,7 @@ import grpc
 import pytest
 import torch
 
+from hosl.checkpoint import read_checkpoint
 from hosl.cli import main
 from hosl.transport.framing import grpc_options
 from hosl.transport.grpc_server import FULL_METHOD
@@ -98,7 +99,7 @@ def _train_args(model: Path, files: tuple[Path, Path], out: Path, steps: int) ->
 
 def _state(run: Path) -> dict:
     latest = (run / "checkpoints" / "latest").read_text().strip()
-    return torch.load(run / "checkpoints" / latest / "state.pt", weights_only=True)
+    return read_checkpoint(run / "checkpoints" / latest)
 
 
 def _losses(run: Path) -> dict[int, float]:

@@ -12,12 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 from peft.tuners.lora import LoraLayer
+from safetensors import safe_open
 
 from conftest import sentiment_examples, tiny_llama
 from hosl.batching import collate
 from hosl.build import build_run
+from hosl.checkpoint import read_checkpoint
 from hosl.cli import main
-from hosl.config import TrainConfig, load_config
+from hosl.config import TrainConfig, dump_config, load_config
 from hosl.errors import ConfigError
 
 K = 1  # tiny_llama has 3 blocks: the client holds block 0, the server blocks 1 and 2
@@ -132,7 +134,7 @@ def _train(model_dir: Path, files: tuple[Path, Path], out: Path, *extra: str) ->
 
 def _final_state(run: Path) -> dict:
     latest = (run / "checkpoints" / "latest").read_text().strip()
-    return torch.load(run / "checkpoints" / latest / "state.pt", weights_only=True)
+    return read_checkpoint(run / "checkpoints" / latest)
 
 
 def _flat(tree: object, prefix: str = "") -> dict[str, object]:
@@ -164,6 +166,18 @@ def test_checkpoints_hold_only_the_adapters_and_resume_exactly(
     assert set(a["server"]["part"]) == local | {
         n.replace("layers.0", "layers.1") for n in local}
     assert "optimizer" in a["server"]  # AdamW's moments of the adapters
+    # on disk: each party's safetensors holds exactly its adapters, under those names, and the
+    # optimizer's tensors (beside them) are the adapters' two AdamW moments and nothing more
+    step = straight / "checkpoints" / "step-4"
+    assert {p.name for p in step.iterdir()} == {
+        "client.safetensors", "server.safetensors", "training_state.pt", "meta.json"}
+    for side in ("client", "server"):
+        with safe_open(step / f"{side}.safetensors", framework="pt") as handle:
+            assert set(handle.keys()) == set(a[side]["part"]), side
+    rest = torch.load(step / "training_state.pt", weights_only=True)
+    moments = [t for t in _flat(rest).values() if isinstance(t, torch.Tensor) and t.dim() > 0]
+    adapters = sorted(t.shape for t in a["server"]["part"].values())
+    assert sorted(t.shape for t in moments) == sorted(adapters + adapters)
     flat_a, flat_b = _flat(a), _flat(b)
     assert flat_a.keys() == flat_b.keys()
     for key, value in flat_a.items():
@@ -224,6 +238,38 @@ def test_settings_that_cannot_work_are_refused(sets, message) -> None:
 ])
 def test_settings_that_work_are_accepted(sets) -> None:
     assert load_config(None, sets).mode == sets.get("mode", "hosl")
+
+
+def _adapted_modules(part: torch.nn.Module) -> set[str]:
+    """The names of the linear layers peft replaced under `part` (the leaf name: q_proj, ...)."""
+    return {name.rsplit(".", 1)[-1] for name, m in part.named_modules() if isinstance(m, LoraLayer)}
+
+
+def test_lora_targets_is_a_yaml_list_or_a_comma_string(tmp_path) -> None:
+    config = tmp_path / "lora.yaml"
+    config.write_text("mode: fo\nmodel: {split_layer: 1}\n"
+                      "client: {adapter: lora, lora_targets: [q_proj, k_proj]}\n"
+                      "server: {adapter: lora, lora_targets: [o_proj]}\n")
+    listed = load_config(config, {"server.lora_targets": "[v_proj, up_proj]"})
+    written = load_config(None, {"mode": "fo", "model.split_layer": 1, "client.adapter": "lora",
+                                 "client.lora_targets": "q_proj,k_proj", "server.adapter": "lora",
+                                 "server.lora_targets": "v_proj, up_proj"})
+    run = build_run(listed, tiny_llama())
+    assert _adapted_modules(run.client.part) == {"q_proj", "k_proj"}
+    assert _adapted_modules(run.server.part) == {"v_proj", "up_proj"}
+    other = build_run(written, tiny_llama())
+    assert _adapted_modules(other.client.part) == {"q_proj", "k_proj"}
+    assert _adapted_modules(other.server.part) == {"v_proj", "up_proj"}
+    # the run directory's config.yaml reads back to the same settings
+    saved = tmp_path / "saved.yaml"
+    saved.write_text(dump_config(listed))
+    assert load_config(saved) == listed
+
+
+@pytest.mark.parametrize("value", ["[q_proj, 3]", "[]", "[q_proj, 'k_proj,v_proj']", "[q_proj"])
+def test_a_lora_targets_list_of_other_things_is_refused(value) -> None:
+    with pytest.raises(ConfigError, match="client.lora_targets"):
+        load_config(None, {"client.adapter": "lora", "client.lora_targets": value})
 
 
 def test_a_part_with_nothing_to_adapt_is_refused() -> None:

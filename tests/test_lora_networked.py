@@ -94,3 +94,28 @@ def test_a_client_ahead_of_its_server_restarts_from_the_adapter_its_seed_gives(
     assert a.keys() == b.keys() and any("lora_A" in k for k in a)
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_serve_refuses_client_settings_it_would_ignore(
+    tiny_model_dir, tmp_path, capsys, monkeypatch
+) -> None:
+    """client.* configures a process `hosl serve` never runs: refused by name, before the model
+    loads and before anything is written (as a client refuses server.*)."""
+    import hosl.serve
+
+    def no_load(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("the model was loaded before the config was checked")
+
+    monkeypatch.setattr(hosl.serve, "load_pretrained", no_load)
+    out = tmp_path / "server"
+    args = ["serve", "--mode", "fo", "--model", str(tiny_model_dir), "--split-layer", "1",
+            "--port", "0", "--output", str(out), "--set", "server.adapter=lora"]
+    assert main([*args, "--set", "client.adapter=lora", "--set", "client.lora_targets=[q_proj]",
+                 "--set", "client.lr=0.5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "client.adapter, client.lora_targets, client.lr configure the client" in err
+    assert not out.exists()
+    # the same settings at their defaults are no setting at all: the model loads
+    with pytest.raises(AssertionError, match="the model was loaded"):
+        main([*args, "--set", "client.adapter=none", "--set", "client.lr=null"])

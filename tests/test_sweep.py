@@ -12,6 +12,7 @@ import yaml
 
 import hosl.build
 import hosl.trainer
+from hosl.config import load_config
 from hosl.errors import ConfigError, HoslError
 from hosl.results import aggregate, analytic_client_params, client_params, collect
 from hosl.sweep import plan_sweep, run_name, run_sweep
@@ -311,3 +312,47 @@ def test_tables_blank_the_settings_a_mode_never_reads(tmp_path) -> None:
     assert table["zo-1"]["optim.lr"] == "" and table["zo-1"]["zo.lr"] == "1e-06"
     mean_rows = md_path.read_text().split("## Mean over seeds")[1]
     assert "| fo | - | 3e-05 | 2 |" in mean_rows and "| zo | 1e-06 | - | 2 |" in mean_rows
+
+
+# (key, a value other than its default, what the key needs beside it to be valid at all)
+SETTINGS = [
+    ("server.checkpointing", True, {}),
+    ("server.adapter", "lora", {}),
+    ("server.lora_rank", 4, {"server.adapter": "lora"}),
+    ("server.lora_targets", "q_proj", {"server.adapter": "lora"}),
+    ("client.adapter", "lora", {}),
+    ("client.lora_alpha", 4.0, {"client.adapter": "lora"}),
+    ("client.checkpointing", True, {}),
+    ("client.lr", 0.5, {}),
+]
+
+
+@pytest.mark.parametrize("mode", ["hosl", "fo", "zo", "frozen", "fo-full", "zo-full"])
+def test_tables_blank_exactly_the_adapter_and_checkpointing_keys_a_mode_refuses(mode) -> None:
+    """The oracle is the config's own validation: a key whose value a mode refuses is one the
+    mode never reads, so its (default) value must be blank in that mode's rows; a key the mode
+    accepts is read and must show."""
+    from hosl.config import TrainConfig, to_dict
+    from hosl.results import effective, flatten
+
+    for key, value, needs in SETTINGS:
+        try:
+            cfg = load_config(None, {"mode": mode, key: value, **needs})
+        except ConfigError:
+            row = {**flatten(to_dict(TrainConfig())), "mode": mode}
+            assert effective(row)[key] is None, f"{mode} refuses {key} but shows it"
+        else:
+            assert effective(flatten(to_dict(cfg)))[key] == value, f"{mode} reads {key}: hidden"
+
+
+def test_tables_blank_lora_settings_without_lora_and_client_settings_of_one_client() -> None:
+    from hosl.config import TrainConfig, to_dict
+    from hosl.results import effective, flatten
+
+    plain = effective(flatten(to_dict(TrainConfig())))
+    assert plain["client.lora_rank"] is None and plain["server.lora_targets"] is None
+    assert plain["clients.partition"] is None and plain["clients.n"] == 1
+    cfg = load_config(None, {"server.adapter": "lora", "clients.n": 3})
+    both = effective(flatten(to_dict(cfg)))
+    assert both["server.lora_rank"] == 8 and both["client.lora_rank"] is None
+    assert both["clients.partition"] == "iid"

@@ -98,7 +98,8 @@ class AdapterConfig:
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0  # must stay 0: every part runs in eval mode
-    lora_targets: str | None = None  # comma-separated module names; None: the family's default
+    # module names, comma-separated (a YAML list is accepted); None: the family's default
+    lora_targets: str | None = None
 
     def lora(self) -> bool:
         return self.adapter == "lora"
@@ -187,6 +188,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     """Parse a YAML or command-line value into the field's type, or explain why not."""
     base = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
     target = base[0]
+    if key.endswith(".lora_targets"):
+        value = _module_names(value, key)
     if isinstance(value, str) and hint is not str:
         if value.lower() in ("null", "none") and type(None) in typing.get_args(hint):
             return None
@@ -201,6 +204,21 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if not isinstance(value, target) or (target is int and isinstance(value, bool)):
         raise ConfigError(f"{key}: expected {target.__name__}, got {value!r}")
     return value
+
+
+def _module_names(value: Any, key: str) -> Any:
+    """`lora_targets` as a YAML list (`[q_proj, v_proj]`, also in `--set`) -> the comma-separated
+    string the field holds (`q_proj,v_proj`); any other value is left to the usual checks."""
+    if isinstance(value, str) and value.strip().startswith("["):
+        try:
+            value = load_yaml(value)
+        except yaml.YAMLError:
+            raise ConfigError(f"{key}: {value!r} is not a YAML list of module names") from None
+    if not isinstance(value, list):
+        return value
+    if not all(isinstance(name, str) and name.strip() and "," not in name for name in value):
+        raise ConfigError(f"{key}: expected module names (e.g. [q_proj, v_proj]), got {value!r}")
+    return ",".join(name.strip() for name in value)
 
 
 def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:

@@ -8,10 +8,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from hosl.build import build_run
-from hosl.checkpoint import load_latest
+from hosl.checkpoint import is_checkpoint, load_latest, read_checkpoint
 from hosl.config import (
     DataConfig,
     ModelConfig,
@@ -107,12 +105,12 @@ def _split_state(
               server_cfg.model.dtype)
     if mine != theirs:
         raise HoslError(f"--server-run {server_run} serves {theirs}, the run is {mine}")
-    path = server_run / "checkpoints" / f"step-{step}" / "state.pt"
-    if not path.is_file():
+    path = server_run / "checkpoints" / f"step-{step}"
+    if not is_checkpoint(path):
         raise HoslError(
             f"--server-run {server_run} has no checkpoint of step {step}, the client's newest"
         )
-    server_state = torch.load(path, map_location="cpu", weights_only=True)
+    server_state = read_checkpoint(path)
     return step, {**state, "server": server_state["server"], "server_config": server_cfg.server}
 
 

@@ -24,10 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from transformers import PreTrainedModel
 
 from hosl.build import Run, split_parts
+from hosl.checkpoint import is_checkpoint, read_checkpoint
 from hosl.config import SPLIT_MODES, ServerConfig, TrainConfig
 from hosl.dtypes import DTYPES
 from hosl.errors import ConfigError, HoslError
@@ -146,13 +146,12 @@ def _checkpoint_at_or_before(run_dir: Path, step: int) -> tuple[int, dict, dict]
             n = int(path.name.split("-", 1)[1])
         except ValueError:
             continue
-        if n <= step and (path / "state.pt").is_file() and (path / "meta.json").is_file():
+        if n <= step and is_checkpoint(path):
             found.append((n, path))
     if not found:
         return None
     n, path = max(found)
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-    return n, state, json.loads((path / "meta.json").read_text())
+    return n, read_checkpoint(path), json.loads((path / "meta.json").read_text())
 
 
 @dataclass

@@ -41,14 +41,19 @@ METRICS = (
 _ZO_KEYS = ("zo.q", "zo.eps", "zo.lr", "zo.estimator", "zo.embedding_noise")
 _FO_KEYS = ("optim.optimizer", "optim.lr", "optim.momentum", "optim.weight_decay")
 _CLIENT_KEYS = ("client.optimizer", "client.lr", "client.checkpointing", "client.fused_update")
+_LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
+_CLIENT_ADAPTER = ("client.adapter", *(f"client.{f}" for f in _LORA_FIELDS))
+_SERVER_KEYS = ("server.adapter", *(f"server.{f}" for f in _LORA_FIELDS), "server.checkpointing")
 UNUSED_KEYS: dict[str, tuple[str, ...]] = {
     "hosl": _CLIENT_KEYS,
     "fo": _ZO_KEYS,
-    "zo": (*_FO_KEYS, "zo.estimator", "zo.embedding_noise", *_CLIENT_KEYS),
-    "frozen": (*_ZO_KEYS, *_CLIENT_KEYS),
-    "fo-full": (*_ZO_KEYS, "model.split_layer", *_CLIENT_KEYS),
+    # a ZO server runs no backward: nothing to recompute
+    "zo": (*_FO_KEYS, "zo.estimator", "zo.embedding_noise", *_CLIENT_KEYS,
+           "server.checkpointing"),
+    "frozen": (*_ZO_KEYS, *_CLIENT_KEYS, *_CLIENT_ADAPTER),  # its client never trains
+    "fo-full": (*_ZO_KEYS, "model.split_layer", *_CLIENT_KEYS, *_SERVER_KEYS),  # one party
     "zo-full": (*_FO_KEYS, "model.split_layer", "zo.estimator", "zo.embedding_noise",
-                *_CLIENT_KEYS),
+                *_CLIENT_KEYS, *_SERVER_KEYS),
 }
 
 
@@ -64,12 +69,24 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def effective(row: dict[str, Any]) -> dict[str, Any]:
-    """The row with the config keys its mode never reads set to None."""
+    """The row with the config keys its run never reads set to None."""
     out = dict(row)
-    for key in UNUSED_KEYS.get(str(row.get("mode")), ()):
+    for key in (*UNUSED_KEYS.get(str(row.get("mode")), ()), *_unused_in_row(row)):
         if key in out:
             out[key] = None
     return out
+
+
+def _unused_in_row(row: dict[str, Any]) -> list[str]:
+    """Keys another key of the row switches off: a party's lora_* unless its adapter is lora,
+    the clients.* settings of a run with one client."""
+    unused: list[str] = []
+    for party in ("client", "server"):
+        if row.get(f"{party}.adapter", "lora") != "lora":
+            unused += [f"{party}.{field}" for field in _LORA_FIELDS]
+    if row.get("clients.n", 2) == 1:
+        unused += ["clients.partition", "clients.schedule", "clients.order", "clients.fraction"]
+    return unused
 
 
 def read_run(run_dir: Path) -> dict[str, Any]:
@@ -110,26 +127,16 @@ def collect(paths: Iterable[Path]) -> list[dict[str, Any]]:
 def client_params(run_dir: Path, row: dict[str, Any]) -> int | None:
     """d_c: parameters of the client part, from the newest checkpoint, else from the model config.
 
-    Unsplit modes have no client and give None. The checkpoint is memory-mapped, so counting
-    reads only its index, not its weights.
+    Unsplit modes have no client and give None. Counting reads only the checkpoint's index
+    (the safetensors header), not its weights.
     """
     if row.get("mode") not in SPLIT_MODES:
         return None
-    pointer = run_dir / "checkpoints" / "latest"
-    if pointer.is_file():
-        state_file = run_dir / "checkpoints" / pointer.read_text().strip() / "state.pt"
-        if state_file.is_file():
-            import torch
+    from hosl.checkpoint import latest_checkpoint, parameter_count  # torch: only when needed
 
-            state = torch.load(state_file, map_location="cpu", weights_only=True, mmap=True)
-            part = state.get("client", {}).get("part", {})
-            # Tied or shared tensors are one parameter: count each storage region once.
-            seen = {
-                (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel()): t.numel()
-                for t in part.values()
-                if isinstance(t, torch.Tensor) and t.is_floating_point()
-            }
-            return sum(seen.values())
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is not None and (count := parameter_count(checkpoint, "client")) is not None:
+        return count
     return analytic_client_params(row.get("model.name"), row.get("model.split_layer"))
 
 

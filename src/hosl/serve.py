@@ -20,7 +20,7 @@ import os
 import signal
 import threading
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from types import FrameType
 
@@ -29,7 +29,13 @@ import torch
 
 from hosl.build import fo_optimizer, prepare_server_part, split_parts
 from hosl.checkpoint import load_latest, save_checkpoint
-from hosl.config import SPLIT_MODES, TrainConfig, check_split_layer, dump_config
+from hosl.config import (
+    SPLIT_MODES,
+    ClientConfig,
+    TrainConfig,
+    check_split_layer,
+    dump_config,
+)
 from hosl.dtypes import DTYPES
 from hosl.errors import ConfigError
 from hosl.models.loading import load_pretrained
@@ -148,6 +154,7 @@ def build_server_party(cfg: TrainConfig) -> tuple[ServerParty, object, int]:
         raise ConfigError(
             f"hosl serve runs the split modes {', '.join(SPLIT_MODES)}, not {cfg.mode!r}"
         )
+    refuse_client_settings(cfg)
     model, _ = load_pretrained(cfg.model.name, dtype=DTYPES[cfg.model.dtype])
     check_split_layer(cfg.model.split_layer, num_layers(model), cfg.model.name)
     config = model.config
@@ -161,6 +168,20 @@ def build_server_party(cfg: TrainConfig) -> tuple[ServerParty, object, int]:
         optimizer, scheduler = fo_optimizer(cfg, server_part.parameters())
     party = ServerParty(server_part, optimizer, scheduler, grad_accum=cfg.grad_accum)
     return party, config, int(config.hidden_size)
+
+
+def refuse_client_settings(cfg: TrainConfig) -> None:
+    """A server never reads `client.*` (the client's adapter and optimizer are the client's own,
+    set by `hosl client`): one that is set here would be silently ignored, so it is refused."""
+    default = ClientConfig()
+    given = [f"client.{f.name}" for f in fields(ClientConfig)
+             if getattr(cfg.client, f.name) != getattr(default, f.name)]
+    if given:
+        raise ConfigError(
+            f"{', '.join(given)} configure the client, which `hosl serve` never builds: drop "
+            "them from the server's config and give them to `hosl client` (e.g. --set "
+            "client.adapter=lora)"
+        )
 
 
 def serve(
