@@ -243,7 +243,9 @@ class SplitServicer:
             run = check_run(scalars.get("run"))
         except (CodecError, ValueError) as err:
             raise _Refuse(grpc.StatusCode.INVALID_ARGUMENT, f"malformed hello: {err}") from None
-        return {"identity": identity, "wire_dtype": DTYPES[wire], "run": run}
+        # "client": a many-client session's id and place in the update log (hosl.transport.sessions)
+        return {"identity": identity, "wire_dtype": DTYPES[wire], "run": run,
+                "client": scalars.get("client")}
 
     def _check_run(self, run: dict[str, Any]) -> None:
         """A server that has committed steps serves only clients of the same run: replaying its
