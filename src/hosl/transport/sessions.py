@@ -51,7 +51,7 @@ MAX_CLIENT_ID = 1 << 20
 WAIT_TICK_S = 0.5  # how often a waiting turn request looks at the server's stop flag
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared by identity: one object per session
 class ClientHello:
     """The `client` entry of a many-client session's hello."""
 
@@ -99,10 +99,11 @@ class Roster:
         self.log = log or logging.getLogger(__name__)
         self.sync = RecordSync(0)
         self.cond = threading.Condition()
+        # connected clients; a session is its hello object (a rejoining id is a new session)
         self.members: dict[int, ClientHello] = {}
         self.sizes: dict[int, int] = {}  # every client seen: its training examples
         self.theta_bytes = 0
-        self.holder: int | None = None  # the client whose turn it is
+        self.holder: ClientHello | None = None  # the session whose turn it is
         self.turn_step = -1  # the step the holder was handed
         self.last = -1  # the previous holder: round-robin goes on after it
         self.started = False  # the first turn was handed out (min_clients had joined)
@@ -148,11 +149,17 @@ class Roster:
             self.theta_bytes = hello.theta_bytes
             self.cond.notify_all()
 
-    def leave(self, cid: int) -> bool:
-        """`cid`'s session ended; True if it held the turn (its partial step must go)."""
+    def holds_turn(self, member: ClientHello) -> bool:
         with self.cond:
-            self.members.pop(cid, None)
-            held = self.holder == cid
+            return self.holder is member
+
+    def leave(self, member: ClientHello) -> bool:
+        """`member`'s session ended; True if it held the turn (its partial step must go)."""
+        cid = member.id
+        with self.cond:
+            if self.members.get(cid) is member:
+                del self.members[cid]
+            held = self.holder is member
             if held:
                 if self.committed() > self.turn_step:
                     self.log.warning(
@@ -172,10 +179,13 @@ class Roster:
         later = [i for i in ids if i > self.last]
         return (later or ids or [None])[0]
 
-    def wait_turn(self, cid: int, stopping: threading.Event) -> dict[str, Any]:
-        """Block until it is `cid`'s turn (or training is over); the turn with its catch-up."""
+    def wait_turn(self, member: ClientHello, stopping: threading.Event) -> dict[str, Any]:
+        """Block until it is `member`'s turn (or training is over); the turn with its catch-up."""
+        cid = member.id
         with self.cond:
             while True:
+                if self.members.get(cid) is not member:  # its stream ended while it waited
+                    raise _Disconnected()
                 if stopping.is_set():
                     raise _Refuse(grpc.StatusCode.UNAVAILABLE,
                                   "the server is shutting down; reconnect when it is back")
@@ -186,7 +196,8 @@ class Roster:
                     ready = self.started or len(self.members) >= self.min_clients
                     if ready and self._next_client() == cid:
                         done = False
-                        self.holder, self.turn_step, self.started = cid, self.committed(), True
+                        self.holder, self.turn_step = member, self.committed()
+                        self.started = True
                         break
                 self.cond.wait(WAIT_TICK_S)
             book = self.book(cid)
@@ -202,11 +213,12 @@ class Roster:
                 "committed": self.committed(),
             }
 
-    def commit(self, cid: int, record: bytes | None) -> int:
+    def commit(self, member: ClientHello, record: bytes | None) -> int:
         """The holder's step is committed on the server; its record joins the log and the turn
         passes on. Returns the log's length."""
+        cid = member.id
         with self.cond:
-            if self.holder != cid:
+            if self.holder is not member:
                 raise _Refuse(grpc.StatusCode.FAILED_PRECONDITION,
                               f"client {cid} committed outside its turn")
             if self.committed() != self.turn_step + 1:
@@ -317,6 +329,8 @@ class MultiClientServicer(SplitServicer):
         super().__init__(state)
         self.roster = roster
         self.on_record = on_record  # called with the server's committed step after each record
+        self._leaving = threading.Lock()
+        self._left: set[ClientHello] = set()  # sessions ended (ids may come back: new sessions)
 
     def session(self, messages: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
         peer = context.peer()
@@ -333,10 +347,13 @@ class MultiClientServicer(SplitServicer):
             self._check_run(hello["run"])
             self.roster.admit(client)
             member = client
+            # A client that vanishes while its session waits for a turn is noticed here: gRPC
+            # stops reading a cancelled call's replies, so the wait itself may never return.
+            context.add_callback(lambda: self._leave(client))
             inbox.assembler.limit = self.state.session_frame_limit(hello["run"])
             log.info("client %d (%s) joined at step %d holding %d log records", client.id, peer,
                      self.state.ledger.committed, client.cursor)
-            yield from self._serve_member(inbox, hello["wire_dtype"], hello["run"], client.id)
+            yield from self._serve_member(inbox, hello["wire_dtype"], hello["run"], client)
             log.info("client %d closed its session", client.id)
         except _Refuse as refusal:
             log.warning("refused client %s%s: %s", peer,
@@ -347,24 +364,29 @@ class MultiClientServicer(SplitServicer):
         finally:
             inbox.close()
             if member is not None:
-                self._leave(member.id)
+                self._leave(member)
 
-    def _leave(self, cid: int) -> None:
-        state = self.state
+    def _leave(self, member: ClientHello) -> None:
+        """End `member`'s session (once, from the session or gRPC's termination callback)."""
+        with self._leaving:
+            if member in self._left:
+                return
+            self._left.add(member)
+        state, cid = self.state, member.id
         with state.lock:
-            holds = self.roster.holder == cid
-            if holds and state.ledger.open_step is not None:
+            if self.roster.holds_turn(member) and state.ledger.open_step is not None:
                 state.log.warning("client %d left during step %d; its partial step was discarded",
                                   cid, state.ledger.open_step)
                 state.ledger.abort()
                 state.party.discard_partial_step()
-        if self.roster.leave(cid):
+        if self.roster.leave(member):
             state.log.info("client %d dropped; the turn passes on", cid)
         state.on_session_end()
 
     def _serve_member(
-        self, inbox: Inbox, wire: torch.dtype, run: dict[str, Any], cid: int
+        self, inbox: Inbox, wire: torch.dtype, run: dict[str, Any], member: ClientHello
     ) -> Iterator[bytes]:
+        cid = member.id
         welcome = {"committed": self.state.ledger.committed, "log": len(self.roster.sync.log),
                    "steps": self.roster.total_steps}
         yield from to_messages(encode("welcome", welcome, {}))
@@ -381,7 +403,7 @@ class MultiClientServicer(SplitServicer):
                     grpc.StatusCode.INVALID_ARGUMENT, f"malformed message: {err}"
                 ) from None
             if kind == "turn":
-                turn = self.roster.wait_turn(cid, self.state.stopping)
+                turn = self.roster.wait_turn(member, self.state.stopping)
                 sizes, data = pack_records(turn.pop("records"))
                 yield from to_messages(encode("turn", {**turn, "sizes": sizes,
                                                        **self._report_if(turn["done"])},
@@ -389,11 +411,11 @@ class MultiClientServicer(SplitServicer):
             elif kind == "commit":
                 record = tensors.get("record")
                 length = self.roster.commit(
-                    cid, None if record is None else record.numpy().tobytes()
+                    member, None if record is None else record.numpy().tobytes()
                 )
                 self.on_record(self.state.ledger.committed)
                 yield from to_messages(encode("committed", {"log": length}, {}))
-            elif kind.endswith("StepRequest") and self.roster.holder != cid:
+            elif kind.endswith("StepRequest") and not self.roster.holds_turn(member):
                 raise _Refuse(grpc.StatusCode.FAILED_PRECONDITION,
                               f"client {cid} sent a step outside its turn; ask for a turn first")
             elif kind == "journal":
