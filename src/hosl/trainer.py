@@ -105,8 +105,8 @@ def train(
                                progress=progress, echo=echo)
     train_set, eval_set = _examples(cfg)
     if remote is not None and cfg.clients.n > 1:
-        raise ConfigError("--clients N with --server: start N `hosl client --client-id I` "
-                          "processes instead, each with its own --train-file")
+        raise ConfigError("--clients N runs N clients in process only; over the network start N "
+                          "`hosl client --client-id I` processes, each with its own --train-file")
     labels = [ex.label for ex in train_set]
     # many clients: their data partition (which can fail for too few examples) before the model
     parts = client_partition(cfg, labels) if cfg.clients.n > 1 else None
