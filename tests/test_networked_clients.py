@@ -264,3 +264,25 @@ def test_killed_and_hung_clients_are_dropped_and_a_restarted_one_catches_up(
     assert all(r.client != 1 for r in records if at_kill <= r.step < at_drop)
     resumed = [x for x in log.splitlines() if "client 1 (" in x and "joined" in x][-1]
     assert "holding 0 log records" not in resumed  # it restarted from its own checkpoint
+
+
+def test_what_networked_clients_refuse(tiny_model_dir, files, tmp_path, capsys) -> None:
+    """Refusals that need no server, each before anything is written."""
+    args = _client_args(tiny_model_dir, files, "127.0.0.1:1", 0, tmp_path / "c", 4)
+    cases = [
+        (["train", *[a for a in args[1:] if a not in ("--server", "127.0.0.1:1")]],
+         "give --server"),
+        ([*args, "--clients", "3"], "drop --clients"),
+        ([*args, "--client-schedule", "parallel"], "parallel schedule runs in process only"),
+        ([*args, "--mode", "fo", "--embedding-noise", "all"], "not 'fo'"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, message
+        assert message in capsys.readouterr().err
+    serve = ["serve", "--model", str(tiny_model_dir), "--output", str(tmp_path / "s"),
+             "--max-clients", "3", "--port", "0"]
+    assert main([*serve, "--set", "clients.schedule=parallel"]) == 2
+    assert "parallel schedule runs in process only" in capsys.readouterr().err
+    assert main([*serve, "--min-clients", "4"]) == 2
+    assert "--min-clients 4: must be 1..--max-clients (3)" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists() and not (tmp_path / "s").exists()

@@ -183,6 +183,9 @@ def _quiet_grpc(verbose: bool) -> None:
 def _remote(args: argparse.Namespace) -> Any:
     """RemoteOptions from --server and its companions, or None for an in-process run."""
     if not args.server:
+        if args.client_id is not None:
+            raise HoslError("--client-id makes this process a client of a `hosl serve`: give "
+                            "--server HOST:PORT")
         return None
     _quiet_grpc(args.verbose)
     from hosl.remote import RemoteOptions

@@ -100,6 +100,10 @@ def train_networked(
         loaded = load_latest(resume_dir) if resume_dir is not None else None
         if loaded is not None:
             _, state, meta = loaded
+            if meta.get("client_id") != cid:
+                raise ConfigError(f"--resume {resume_dir} is client {meta.get('client_id')}'s "
+                                  f"run, not client {cid}'s: give --client-id "
+                                  f"{meta.get('client_id')}")
             run.load_state_dict(state)
             cursor, sync = int(meta["log_cursor"]), dict(meta["sync"])
             elapsed = float(meta.get("wall_seconds", 0.0))

@@ -182,6 +182,12 @@ class SplitServicer:
             problem = mismatches(self.state.identity, hello["identity"])
             if problem is not None:
                 raise _Refuse(grpc.StatusCode.FAILED_PRECONDITION, f"handshake refused: {problem}")
+            if hello["client"] is not None:
+                raise _Refuse(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    "this server trains one client at a time; a client with --client-id needs "
+                    "`hosl serve --max-clients N`",
+                )
             if not self._busy.acquire(blocking=False):
                 raise _Refuse(grpc.StatusCode.ABORTED, BUSY)
             acquired = True
