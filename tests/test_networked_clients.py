@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -25,6 +26,8 @@ from conftest import sentiment_rows, tiny_llama
 from hosl.cli import main
 from hosl.federated.records import ClientUpdate, UpdateLog, replay
 from hosl.models.split import split_model
+from hosl.transport.grpc_server import _Refuse
+from hosl.transport.sessions import ClientHello, Roster
 from hosl.zo import ZoTarget
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -150,14 +153,20 @@ def _run_all(procs: dict[int, subprocess.Popen], logs: Path) -> None:
                 proc.kill()
 
 
-def test_three_clients_and_a_late_joiner_end_with_one_bit_identical_model(
-    tiny_model_dir, files, tmp_path
+def test_three_clients_and_a_late_joiner_end_bit_identical_each_with_its_own_id(
+    tiny_model_dir, files, tmp_path, capsys
 ) -> None:
     steps = 12
     srv = tmp_path / "server"
     runs = {cid: tmp_path / f"client-{cid}" for cid in range(4)}
     with server(tiny_model_dir, srv, files, steps, "--max-clients", "4",
-                "--min-clients", "3") as (_, address):
+                "--min-clients", "3") as (proc, address):
+        # client 1's own token with client 0's id: refused before anything is written
+        spoof = _client_args(tiny_model_dir, files, address, 0, tmp_path / "spoof", steps,
+                             token_of=1)
+        assert main(spoof) == 2
+        assert "PERMISSION_DENIED" in capsys.readouterr().err
+        assert not (tmp_path / "spoof").exists() and proc.poll() is None
         procs = {cid: _hosl(*_client_args(tiny_model_dir, files, address, cid, runs[cid], steps),
                             log=tmp_path / f"client-{cid}.out") for cid in range(3)}
         try:
@@ -167,6 +176,7 @@ def test_three_clients_and_a_late_joiner_end_with_one_bit_identical_model(
         finally:
             _run_all(procs, tmp_path)
     log = _server_log(srv)
+    assert "client id 0 does not belong to the token presented" in log
     joined = [line for line in log.splitlines() if "client 3 (" in line and "joined" in line]
     assert len(joined) == 1 and "holding 0 log records" in joined[0]
     assert int(joined[0].split(" joined at step ")[1].split()[0]) >= 2  # it did join late
@@ -198,24 +208,6 @@ def test_three_clients_and_a_late_joiner_end_with_one_bit_identical_model(
         assert [c["steps"] for c in block["per_client"]] == [
             sum(r.client == c for r in records) for c in range(4)]
     assert json.loads((srv / "clients.json").read_text())["log_records"] == steps
-
-
-def test_a_client_presenting_another_clients_id_is_refused(
-    tiny_model_dir, files, tmp_path, capsys
-) -> None:
-    srv = tmp_path / "server"
-    with server(tiny_model_dir, srv, files, 1, "--max-clients", "2") as (proc, address):
-        # client 1's own token, client 0's id
-        spoof = _client_args(tiny_model_dir, files, address, 0, tmp_path / "spoof", 1, token_of=1)
-        assert main(spoof) == 2
-        assert "PERMISSION_DENIED" in capsys.readouterr().err
-        assert not (tmp_path / "spoof").exists()  # refused before anything was written
-        assert proc.poll() is None
-        # its own id with its own token trains
-        own = tmp_path / "own"
-        assert main(_client_args(tiny_model_dir, files, address, 1, own, 1)) == 0
-    assert [r.client for r in _server_records(srv)] == [1]
-    assert "client id 0 does not belong to the token presented" in _server_log(srv)
 
 
 def test_killed_and_hung_clients_are_dropped_and_a_restarted_one_catches_up(
@@ -286,3 +278,50 @@ def test_what_networked_clients_refuse(tiny_model_dir, files, tmp_path, capsys) 
     assert main([*serve, "--min-clients", "4"]) == 2
     assert "--min-clients 4: must be 1..--max-clients (3)" in capsys.readouterr().err
     assert not (tmp_path / "c").exists() and not (tmp_path / "s").exists()
+
+
+def test_the_roster_hands_out_one_turn_at_a_time_and_binds_ids_to_tokens() -> None:
+    """The server's turn keeping without a network: who may step, commit and join when."""
+    committed = [0]  # the server's committed steps, as its ledger would say
+    roster = Roster(max_clients=2, min_clients=2, total_steps=2, committed=lambda: committed[0],
+                    tokens={0: "token-a", 1: "token-b"})
+    roster.check_token(0, "token-a")
+    for cid, token in ((0, "token-b"), (2, "token-a"), (0, None)):
+        with pytest.raises(_Refuse, match="does not belong"):
+            roster.check_token(cid, token)
+    m0, m1 = ClientHello(0, 0, 5, 64), ClientHello(1, 0, 5, 64)
+    roster.admit(m0)
+    with pytest.raises(_Refuse, match="already connected"):
+        roster.admit(ClientHello(0, 0, 5, 64))
+    stop, got = threading.Event(), {}
+    waiter = threading.Thread(target=lambda: got.update(roster.wait_turn(m0, stop)))
+    waiter.start()
+    time.sleep(0.3)
+    assert waiter.is_alive()  # no turn before --min-clients have joined
+    roster.admit(m1)
+    with pytest.raises(_Refuse, match="already has 2 clients"):
+        roster.admit(ClientHello(2, 0, 5, 64))
+    waiter.join(10)
+    assert got["step"] == 0 and not got["done"] and got["records"] == []
+    assert roster.in_turn(m0, 0) and not roster.in_turn(m1, 0) and not roster.in_turn(m0, 1)
+    with pytest.raises(_Refuse, match="before the server applied"):
+        roster.commit(m0, None)
+    committed[0] = 1
+    record = ClientUpdate(0, 0, 0.1, 0.0, ((7, 0.5),)).encode()
+    with pytest.raises(_Refuse, match="outside its turn"):
+        roster.commit(m1, record)
+    with pytest.raises(_Refuse, match="not step 0 of client 0"):
+        roster.commit(m0, ClientUpdate(0, 1, 0.1, 0.0, ((7, 0.5),)).encode())
+    with pytest.raises(_Refuse, match="malformed"):
+        roster.commit(m0, record[:-3])
+    assert roster.commit(m0, record) == 1
+    turn = roster.wait_turn(m1, stop)  # round-robin: client 1 next, with client 0's record
+    assert turn["step"] == 1 and turn["records"] == [record]
+    assert roster.leave(m1)  # it held the turn: the server must discard its partial step
+    committed[0] = 2
+    turn = roster.wait_turn(m0, stop)
+    assert turn["done"] and turn["records"] == []  # its own record it never downloads
+    report = roster.report()
+    assert [c["steps"] for c in report["per_client"]] == [1, 0]
+    assert report["per_client"][1]["down_bytes"] == len(record)
+    assert report["fedavg_bytes_per_client_round"] == 128

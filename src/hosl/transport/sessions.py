@@ -153,6 +153,11 @@ class Roster:
         with self.cond:
             return self.holder is member
 
+    def in_turn(self, member: ClientHello, step: Any) -> bool:
+        """May `member` send (a micro-batch of) `step` now: its turn, and the turn's step."""
+        with self.cond:
+            return self.holder is member and step == self.turn_step and not isinstance(step, bool)
+
     def leave(self, member: ClientHello) -> bool:
         """`member`'s session ended; True if it held the turn (its partial step must go)."""
         cid = member.id
@@ -397,7 +402,7 @@ class MultiClientServicer(SplitServicer):
                 return
             try:
                 limits = Limits(max_message_bytes=inbox.assembler.limit)
-                kind, _, tensors = decode(head, limits)
+                kind, scalars, tensors = decode(head, limits)
             except CodecError as err:
                 raise _Refuse(
                     grpc.StatusCode.INVALID_ARGUMENT, f"malformed message: {err}"
@@ -415,9 +420,12 @@ class MultiClientServicer(SplitServicer):
                 )
                 self.on_record(self.state.ledger.committed)
                 yield from to_messages(encode("committed", {"log": length}, {}))
-            elif kind.endswith("StepRequest") and not self.roster.holds_turn(member):
+            elif kind.endswith("StepRequest") and not self.roster.in_turn(member,
+                                                                          scalars.get("step")):
+                # one step per turn: a second one would move θ_s with no record in the log
                 raise _Refuse(grpc.StatusCode.FAILED_PRECONDITION,
-                              f"client {cid} sent a step outside its turn; ask for a turn first")
+                              f"client {cid} sent step {scalars.get('step')!r:.20} outside its "
+                              "turn; ask for a turn first")
             elif kind == "journal":
                 raise _Refuse(grpc.StatusCode.FAILED_PRECONDITION,
                               "a many-client server keeps an update log, not a journal to replay")
