@@ -228,6 +228,10 @@ def serve(
         party.load_state_dict(state["server"])
         if roster is not None and "clients" in state:
             roster.load_state_dict(state["clients"])  # the log: what every client replays
+        elif "clients" in state:  # resumed without --max-clients, the next save would drop it
+            server.stop(0)
+            raise ConfigError(f"--resume {run_dir}: this server kept the update log of many "
+                              "clients; give --max-clients N (and its tokens) again")
         fingerprint = meta.get("run")
         log.info("resumed %s at committed step %d", run_dir, committed)
     journal = Journal.open(run_dir / "journal.jsonl", committed)
