@@ -127,6 +127,9 @@ def train_networked(
 
         metrics = run_dir / "metrics.jsonl"
         meters = {name: p.start_metering(name) for name, p in run.parties().items()}
+        if cfg.memory_steps == 0:  # measuring costs time on every tensor operation
+            for p in run.parties().values():
+                p.stop_metering()
         times, loss, report, step = StepTimes(), math.nan, None, 0
         t0 = time.perf_counter()
         bar = tqdm(disable=not progress, desc=f"client {cid}", unit="step")
@@ -148,7 +151,7 @@ def train_networked(
                 step = _count(turn.get("committed"), "step count")  # the server's last step
                 break
             step, local = _count(turn.get("step"), "step"), _count(turn.get("local_step"), "step")
-            if local == cfg.memory_steps:
+            if local == cfg.memory_steps > 0:
                 for p in run.parties().values():
                     p.stop_metering()
             tick = time.perf_counter()
