@@ -384,8 +384,8 @@ class MultiClientServicer(SplitServicer):
                                   cid, state.ledger.open_step)
                 state.ledger.abort()
                 state.party.discard_partial_step()
-        if self.roster.leave(member):
-            state.log.info("client %d dropped; the turn passes on", cid)
+        held = self.roster.leave(member)
+        state.log.info("client %d left%s", cid, "; the turn passes on" if held else "")
         state.on_session_end()
 
     def _serve_member(
