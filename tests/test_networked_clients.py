@@ -8,6 +8,7 @@ Every process runs under a deadline and is killed in a `finally`.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -325,3 +326,14 @@ def test_the_roster_hands_out_one_turn_at_a_time_and_binds_ids_to_tokens() -> No
     assert [c["steps"] for c in report["per_client"]] == [1, 0]
     assert report["per_client"][1]["down_bytes"] == len(record)
     assert report["fedavg_bytes_per_client_round"] == 128
+    # the server's checkpoint keeps the log and the books, through torch.load(weights_only=True)
+    buffer = io.BytesIO()
+    torch.save(roster.state_dict(), buffer)
+    buffer.seek(0)
+    restarted = Roster(max_clients=2, min_clients=2, total_steps=4, committed=lambda: 2)
+    restarted.load_state_dict(torch.load(buffer, weights_only=True))
+    assert restarted.sync.log.encoded_since(0) == [record] and restarted.report() == report
+    with pytest.raises(_Refuse, match="belongs to another run"):
+        restarted.admit(ClientHello(1, 2, 5, 64))  # it holds more of the log than the server
+    restarted.admit(ClientHello(1, 0, 5, 64))  # a rejoining client from the base model
+    assert restarted.wait_turn(restarted.members[1], stop)["records"] == [record]
