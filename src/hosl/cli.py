@@ -183,6 +183,9 @@ def _quiet_grpc(verbose: bool) -> None:
 def _remote(args: argparse.Namespace) -> Any:
     """RemoteOptions from --server and its companions, or None for an in-process run."""
     if not args.server:
+        if args.client_id is not None:
+            raise HoslError("--client-id makes this process a client of a `hosl serve`: give "
+                            "--server HOST:PORT")
         return None
     _quiet_grpc(args.verbose)
     from hosl.remote import RemoteOptions
@@ -195,6 +198,7 @@ def _remote(args: argparse.Namespace) -> Any:
         tls_ca=args.tls_ca,
         reconnect_timeout=args.reconnect_timeout,
         step_timeout=args.step_timeout,
+        client_id=args.client_id,
     )
 
 
@@ -223,7 +227,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _quiet_grpc(args.verbose)
     from hosl.config import load_config
     from hosl.serve import ServeOptions, serve
-    from hosl.transport.security import load_token
+    from hosl.transport.security import load_client_tokens, load_token
 
     opts = ServeOptions(
         host=args.host,
@@ -233,6 +237,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         tls_key=args.tls_key,
         max_frame_mb=args.max_frame_mb,
         idle_timeout=args.idle_timeout,
+        max_clients=args.max_clients,
+        min_clients=args.min_clients,
+        turn_timeout=args.turn_timeout,
+        client_tokens=load_client_tokens(args.client_tokens) if args.client_tokens else None,
     )
     if args.resume:
         run_dir = Path(args.resume)
@@ -367,6 +375,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds a connected client may send nothing before its session ends and another "
         "client may train",
     )
+    serve.add_argument(
+        "--max-clients", type=int, default=1,
+        help="above 1: serve up to this many `hosl client --client-id I` processes at once, "
+        "taking turns and sharing one client model through update records",
+    )
+    serve.add_argument("--min-clients", type=int, default=1,
+                       help="clients that must have joined before the first step")
+    serve.add_argument(
+        "--turn-timeout", type=float, default=300.0,
+        help="seconds a client may send nothing during its turn before it is dropped",
+    )
+    serve.add_argument("--client-tokens", metavar="FILE",
+                       help="per-client tokens, one `ID TOKEN` line each: a client must present "
+                       "its own id with its own token (instead of --token-file)")
     serve.add_argument("--verbose", action="store_true", help="show gRPC's own log lines")
     serve.add_argument("--resume", metavar="DIR", help="continue a server from its directory")
     serve.set_defaults(func=cmd_serve)
@@ -499,6 +521,11 @@ def _client_flags(parser: argparse.ArgumentParser, required: bool) -> None:
     )
     parser.add_argument(
         "--step-timeout", type=float, default=3600.0, help="seconds one server reply may take"
+    )
+    parser.add_argument(
+        "--client-id", type=int,
+        help="this process is client ID of a many-client `hosl serve` (--max-clients), with its "
+        "own --train-file; all clients end with the same client model",
     )
     parser.add_argument("--verbose", action="store_true", help="show gRPC's own log lines")
 

@@ -58,6 +58,7 @@ class RemoteOptions:
     tls_ca: str | None = None  # PEM root certificate that signed the server's (implies TLS)
     reconnect_timeout: float = 120.0  # how long to wait for a server that is down or restarting
     step_timeout: float = 3600.0  # how long one reply may take (a slow CPU server is not dead)
+    client_id: int | None = None  # one of many clients of the server (hosl.federated.networked)
 
     def __post_init__(self) -> None:
         split_address(self.address)
@@ -67,6 +68,8 @@ class RemoteOptions:
             )
         if not 0 < self.step_timeout < math.inf:
             raise ConfigError(f"--step-timeout {self.step_timeout}: must be more than 0 seconds")
+        if self.client_id is not None and not 0 <= self.client_id < 1 << 20:
+            raise ConfigError(f"--client-id {self.client_id}: must be 0..{(1 << 20) - 1}")
 
 
 def run_fingerprint(cfg: TrainConfig) -> dict[str, Any]:
@@ -83,7 +86,12 @@ def run_fingerprint(cfg: TrainConfig) -> dict[str, Any]:
     }
 
 
-def make_transport(cfg: TrainConfig, model: PreTrainedModel, opts: RemoteOptions) -> GrpcTransport:
+def make_transport(
+    cfg: TrainConfig,
+    model: PreTrainedModel,
+    opts: RemoteOptions,
+    client: dict[str, int] | None = None,
+) -> GrpcTransport:
     if cfg.mode not in SPLIT_MODES:
         raise ConfigError(
             f"--server needs a split mode ({', '.join(SPLIT_MODES)}), not {cfg.mode!r}"
@@ -110,6 +118,7 @@ def make_transport(cfg: TrainConfig, model: PreTrainedModel, opts: RemoteOptions
         run_fingerprint=run_fingerprint(cfg),
         reconnect_timeout=opts.reconnect_timeout,
         step_timeout=opts.step_timeout,
+        client=client,
     )
 
 

@@ -49,10 +49,12 @@ from hosl.transport.guard import ModelBounds
 from hosl.transport.handshake import identity_for
 from hosl.transport.ledger import Journal, StepLedger
 from hosl.transport.security import TokenInterceptor, is_loopback, server_credentials
+from hosl.transport.sessions import MultiClientServicer, Roster
 
 SHUTDOWN_GRACE_S = 5.0
 LOGGER = "hosl.serve"
 MAX_CONCURRENT_RPCS = 16
+MAX_CLIENTS = 256
 MAX_FRAME_MB = 1 << 14  # 16 GiB: far above any activation, far below a typo's petabytes
 
 
@@ -66,12 +68,33 @@ class ServeOptions:
     max_frame_mb: int = 1024  # the largest message (one activation tensor) accepted
     hello_timeout: float = 10.0  # a stream that sends no hello this long is closed
     idle_timeout: float = 900.0  # a session silent this long ends and frees the server
+    # Many clients (hosl.transport.sessions): at most this many sessions at once, each with a
+    # --client-id; the first turn waits for min_clients; a client silent for turn_timeout
+    # seconds while it should be stepping is dropped.
+    max_clients: int = 1
+    min_clients: int = 1
+    turn_timeout: float = 300.0
+    client_tokens: dict[int, str] | None = None  # each client id's own token (--client-tokens)
+
+    @property
+    def many_clients(self) -> bool:
+        return self.max_clients > 1 or self.client_tokens is not None
 
     def __post_init__(self) -> None:
         check_port(self.port, "--port", allow_any=True)
         if isinstance(self.max_frame_mb, bool) or not 1 <= self.max_frame_mb <= MAX_FRAME_MB:
             raise ConfigError(f"--max-frame-mb {self.max_frame_mb}: must be 1..{MAX_FRAME_MB}")
-        timeouts = {"hello timeout": self.hello_timeout, "--idle-timeout": self.idle_timeout}
+        if isinstance(self.max_clients, bool) or not 1 <= self.max_clients <= MAX_CLIENTS:
+            raise ConfigError(f"--max-clients {self.max_clients}: must be 1..{MAX_CLIENTS}")
+        if not 1 <= self.min_clients <= self.max_clients:
+            raise ConfigError(
+                f"--min-clients {self.min_clients}: must be 1..--max-clients ({self.max_clients})"
+            )
+        if self.token is not None and self.client_tokens is not None:
+            raise ConfigError("give one shared token (--token-file, HOSL_TOKEN) or per-client "
+                              "tokens (--client-tokens), not both")
+        timeouts = {"hello timeout": self.hello_timeout, "--idle-timeout": self.idle_timeout,
+                    "--turn-timeout": self.turn_timeout}
         for flag, value in timeouts.items():
             if not 0 < value < float("inf"):
                 raise ConfigError(f"{flag} {value}: must be a positive number of seconds")
@@ -95,7 +118,7 @@ def _run_dir(cfg: TrainConfig, resume_dir: Path | None, *, create: bool = False)
 
 def _check_listen(opts: ServeOptions) -> None:
     """Refuse, before the model loads, an address the server cannot or must not listen on."""
-    if opts.token is None and not is_loopback(opts.host):
+    if opts.token is None and opts.client_tokens is None and not is_loopback(opts.host):
         raise ConfigError(
             f"refusing to listen on {opts.host} without a token: give --token-file or HOSL_TOKEN "
             "(or listen on 127.0.0.1)"
@@ -111,13 +134,16 @@ def _bind(
 ) -> tuple[grpc.Server, int]:
     """A gRPC server bound to the address (not started yet, no handlers): nothing is written
     before this succeeds, so a failed start leaves --output as it was."""
-    interceptors = [TokenInterceptor(opts.token, log)] if opts.token else []
+    tokens = opts.token or (list(opts.client_tokens.values()) if opts.client_tokens else None)
+    interceptors = [TokenInterceptor(tokens, log)] if tokens else []
+    # each client session holds a worker for its whole life (it waits for its turn there)
+    rpcs = MAX_CONCURRENT_RPCS + (opts.max_clients if opts.many_clients else 0)
     server = grpc.server(
         # a worker for every admitted call: silent streams cannot starve a real client of threads
-        futures.ThreadPoolExecutor(max_workers=MAX_CONCURRENT_RPCS),
+        futures.ThreadPoolExecutor(max_workers=rpcs),
         interceptors=interceptors,
         options=grpc_options(server=True),
-        maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
+        maximum_concurrent_rpcs=rpcs,
     )
     address = f"{opts.host}:{opts.port}"
     try:
@@ -193,6 +219,11 @@ def serve(
 ) -> int:
     """Run the server until `stop` is set or SIGTERM/SIGINT arrives; returns the committed step."""
     _check_listen(opts)
+    if opts.many_clients and cfg.clients.schedule != "sequential":
+        raise ConfigError(
+            f"clients.schedule {cfg.clients.schedule}: networked clients take turns "
+            "(sequential); the parallel schedule runs in process only (hosl train --clients N)"
+        )
     credentials = server_credentials(opts.tls_cert, opts.tls_key)
     _run_dir(cfg, resume_dir)  # a non-empty --output is refused before the model loads
     torch.manual_seed(cfg.seed)
@@ -208,25 +239,45 @@ def serve(
     log = _logger(run_dir)
 
     committed, fingerprint = 0, None
+    # many clients: the update log and turns; its `committed` reads the ledger made below
+    roster = Roster(
+        max_clients=opts.max_clients, min_clients=opts.min_clients, total_steps=cfg.steps,
+        committed=lambda: state.ledger.committed, tokens=opts.client_tokens, log=log,
+    ) if opts.many_clients else None
     if resume_dir is not None and (loaded := load_latest(run_dir)) is not None:
         committed, state, meta = loaded
         party.load_state_dict(state["server"])
+        if roster is not None and "clients" in state:
+            roster.load_state_dict(state["clients"])  # the log: what every client replays
+        elif "clients" in state:  # resumed without --max-clients, the next save would drop it
+            server.stop(0)
+            raise ConfigError(f"--resume {run_dir}: this server kept the update log of many "
+                              "clients; give --max-clients N (and its tokens) again")
         fingerprint = meta.get("run")
         log.info("resumed %s at committed step %d", run_dir, committed)
     journal = Journal.open(run_dir / "journal.jsonl", committed)
     identity = identity_for(
         cfg.model.name, config, cfg.model.split_layer, cfg.mode, cfg.model.dtype, cfg.grad_accum
     )
-    saved = {"step": committed}
+    saved = {"step": committed, "log": len(roster.sync.log) if roster else 0}
 
     def checkpoint(reason: str) -> None:
-        step = state.ledger.committed
-        if step == saved["step"] and (run_dir / "checkpoints" / "latest").is_file():
-            return
-        meta = {"identity": identity.to_json(), "run": state.run_fingerprint, "reason": reason}
-        save_checkpoint(run_dir, step, {"server": party.state_dict()}, meta)
-        saved["step"] = step
-        log.info("checkpoint at step %d (%s)", step, reason)
+        with state.lock:  # a whole step (sessions apply theirs under it)
+            step = state.ledger.committed
+            records = len(roster.sync.log) if roster else 0
+            if (step, records) == (saved["step"], saved["log"]) and (
+                run_dir / "checkpoints" / "latest"
+            ).is_file():
+                return
+            meta = {"identity": identity.to_json(), "run": state.run_fingerprint,
+                    "reason": reason}
+            payload = {"server": party.state_dict()}
+            if roster is not None:  # the log beside θ_s: a restarted server loses neither
+                payload["clients"] = roster.state_dict()
+                (run_dir / "clients.json").write_text(json.dumps(roster.report(), indent=2))
+            save_checkpoint(run_dir, step, payload, meta)
+            saved.update(step=step, log=records)
+            log.info("checkpoint at step %d (%s)", step, reason)
 
     # Per-party memory is measured on the first memory_steps steps this process commits (as
     # the trainer does in process) and sent to clients with every evaluation reply.
@@ -241,6 +292,11 @@ def serve(
             party.stop_metering()
             log.info("server peak memory %.1f MiB over %d steps (live tensor bytes)",
                      party.meter.peak_bytes / 2**20, cfg.memory_steps)
+        # many clients checkpoint once the step's record joined the log (on_record)
+        if roster is None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+            checkpoint(f"every {cfg.checkpoint_every} steps")
+
+    def on_record(step: int) -> None:
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
             checkpoint(f"every {cfg.checkpoint_every} steps")
 
@@ -259,11 +315,15 @@ def serve(
             vocab_size=getattr(config, "vocab_size", None),
         ),
         hello_timeout=opts.hello_timeout,
-        idle_timeout=opts.idle_timeout,
+        # many clients: a session is silent only while its client should be stepping
+        idle_timeout=min(opts.idle_timeout, opts.turn_timeout) if roster else opts.idle_timeout,
     )
-    if not opts.token:
+    if not opts.token and not opts.client_tokens:
         log.warning("no token given: any client that reaches %s may train this model", opts.host)
-    server.add_generic_rpc_handlers([SplitServicer(state).handler()])
+    servicer = (
+        SplitServicer(state) if roster is None else MultiClientServicer(state, roster, on_record)
+    )
+    server.add_generic_rpc_handlers([servicer.handler()])
     server.start()
     scheme = "TLS" if credentials is not None else "plain TCP"
     (run_dir / "server.json").write_text(
@@ -271,6 +331,9 @@ def serve(
     )
     log.info("listening on %s:%d (%s), mode %s, split layer %d, committed step %d",
              opts.host, port, scheme, cfg.mode, cfg.model.split_layer, committed)
+    if roster is not None:
+        log.info("up to %d clients taking turns, %d update records in the log",
+                 opts.max_clients, len(roster.sync.log))
 
     stop = stop or threading.Event()
     previous = {}

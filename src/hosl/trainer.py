@@ -96,10 +96,17 @@ def train(
 ) -> dict[str, Any]:
     """Train `cfg`; with `remote`, against a `hosl serve` process instead of in-process."""
     # Every check that needs no model comes first: a mistake costs no model load.
+    if remote is not None and remote.client_id is not None:  # one of many networked clients
+        from hosl.federated.networked import check_networked, train_networked
+
+        check_networked(cfg)
+        train_set, eval_set = _examples(cfg)
+        return train_networked(cfg, remote, train_set, eval_set, resume_dir=resume_dir,
+                               progress=progress, echo=echo)
     train_set, eval_set = _examples(cfg)
     if remote is not None and cfg.clients.n > 1:
-        raise ConfigError("clients.n > 1 runs in process only: a server for many networked "
-                          "clients is not built yet; drop --server")
+        raise ConfigError("--clients N runs N clients in process only; over the network start N "
+                          "`hosl client --client-id I` processes, each with its own --train-file")
     labels = [ex.label for ex in train_set]
     # many clients: their data partition (which can fail for too few examples) before the model
     parts = client_partition(cfg, labels) if cfg.clients.n > 1 else None

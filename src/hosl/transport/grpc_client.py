@@ -152,6 +152,7 @@ class GrpcTransport:
         chunk_bytes: int = CHUNK_BYTES,
         frame_limit: int = DEFAULT_FRAME_LIMIT,
         notify: Callable[[str], None] = _stderr,
+        client: dict[str, int] | None = None,
     ) -> None:
         self.address = address
         self.identity = identity
@@ -173,6 +174,9 @@ class GrpcTransport:
         self._step_requests: list[Any] = []  # this step's earlier micro-batches, for a resend
         # {"peak_bytes", "phase_peaks"} of the server process, from its latest evaluation reply
         self.server_memory: dict[str, Any] | None = None
+        # many clients (hosl.transport.sessions): {"id", "cursor", "examples", "theta_bytes"}
+        # sent with the hello; such a session is not resumed by reconnecting (see `_call`)
+        self.client = client
 
     # Session -----------------------------------------------------------------------------
 
@@ -204,6 +208,8 @@ class GrpcTransport:
             "wire_dtype": DTYPE_NAMES[self.wire_dtype],
             "run": self._run,
         }
+        if self.client is not None:
+            hello["client"] = self.client
         stream.send(encode("hello", hello, {}))
         try:
             kind, scalars, _ = decode(stream.receive(min(30.0, self._step_timeout)))
@@ -261,6 +267,41 @@ class GrpcTransport:
             _check_entry(entry, start, stop)
         return entries
 
+    def _ask(self, kind: str, scalars: dict[str, Any], tensors: dict[str, Any],
+             reply_kind: str, timeout: float) -> tuple[dict[str, Any], dict[str, Any]]:
+        """One small request and its reply on the session (many clients' turns and commits)."""
+        assert self._stream is not None, "connect() first"
+        try:
+            self._stream.send(encode(kind, scalars, tensors))
+            kind_back, back, back_tensors = decode(self._stream.receive(timeout))
+        except _Broken as err:
+            raise HoslError(self._lost(err)) from None
+        except _DECODE_ERRORS as err:
+            raise HoslError(f"the server sent a malformed {reply_kind}: {err}") from None
+        if kind_back != reply_kind:
+            raise HoslError(f"the server answered a {kind} with a {kind_back}")
+        return back, back_tensors
+
+    def _lost(self, err: Exception) -> str:
+        return (f"lost the session with {self.address} ({err}); start the client again with "
+                "--resume RUN_DIR to rejoin: it catches up from the server's update log")
+
+    def turn(self, timeout: float) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Wait (up to `timeout` s) for this client's turn: the turn's scalars and tensors."""
+        return self._ask("turn", {}, {}, "turn", timeout)
+
+    def commit(self, record: bytes | None) -> int:
+        """Upload this turn's update record (None: the step changed no client parameter);
+        returns the log's length."""
+        tensors = {}
+        if record is not None:
+            tensors["record"] = torch.frombuffer(bytearray(record), dtype=torch.uint8)
+        scalars, _ = self._ask("commit", {}, tensors, "committed", self._step_timeout)
+        length = scalars.get("log")
+        if not _is_count(length):
+            raise HoslError("the server did not confirm the update record")
+        return length
+
     # Transport ---------------------------------------------------------------------------
 
     def _exchange(self, req: Any) -> tuple[bytes, int]:
@@ -290,6 +331,8 @@ class GrpcTransport:
                 down, up = self._exchange(req)
                 break
             except _Broken as err:
+                if self.client is not None:  # a turn cannot be resumed: the client rejoins
+                    raise HoslError(self._lost(err)) from None
                 log.warning("lost the server (%s); reconnecting", err)
                 if deadline is None:
                     deadline = time.monotonic() + self._reconnect_timeout

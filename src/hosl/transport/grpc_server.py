@@ -182,6 +182,12 @@ class SplitServicer:
             problem = mismatches(self.state.identity, hello["identity"])
             if problem is not None:
                 raise _Refuse(grpc.StatusCode.FAILED_PRECONDITION, f"handshake refused: {problem}")
+            if hello["client"] is not None:
+                raise _Refuse(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    "this server trains one client at a time; a client with --client-id needs "
+                    "`hosl serve --max-clients N`",
+                )
             if not self._busy.acquire(blocking=False):
                 raise _Refuse(grpc.StatusCode.ABORTED, BUSY)
             acquired = True
@@ -243,7 +249,9 @@ class SplitServicer:
             run = check_run(scalars.get("run"))
         except (CodecError, ValueError) as err:
             raise _Refuse(grpc.StatusCode.INVALID_ARGUMENT, f"malformed hello: {err}") from None
-        return {"identity": identity, "wire_dtype": DTYPES[wire], "run": run}
+        # "client": a many-client session's id and place in the update log (hosl.transport.sessions)
+        return {"identity": identity, "wire_dtype": DTYPES[wire], "run": run,
+                "client": scalars.get("client")}
 
     def _check_run(self, run: dict[str, Any]) -> None:
         """A server that has committed steps serves only clients of the same run: replaying its

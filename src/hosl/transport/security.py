@@ -13,7 +13,7 @@ import hmac
 import logging
 import os
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,41 @@ def call_metadata(token: str | None) -> list[tuple[str, str]]:
     return [(_HEADER, f"Bearer {token}")] if token else []
 
 
+def presented_token(metadata: Any) -> str | None:
+    """The bearer token a call presented (its invocation metadata), or None."""
+    return _presented(metadata)
+
+
+def load_client_tokens(path_text: str) -> dict[int, str]:
+    """`--client-tokens FILE`: one `ID TOKEN` per line (ID a client id >= 0; `#` starts a
+    comment), each client's own token. A client must then present its own id with its own token."""
+    path = Path(path_text)
+    if not path.is_file():
+        raise ConfigError(f"--client-tokens {path}: no such file")
+    tokens: dict[int, str] = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = line.split()
+        if len(parts) != 2 or not parts[0].isdigit():
+            raise ConfigError(f"--client-tokens {path} line {number}: write `ID TOKEN`, e.g. `0 "
+                              "3f9a...` (one client per line)")
+        cid = int(parts[0])
+        token = check_token(parts[1], f"--client-tokens {path} line {number}")
+        if cid in tokens or token in tokens.values():
+            raise ConfigError(f"--client-tokens {path} line {number}: client ids and tokens must "
+                              "each appear once")
+        tokens[cid] = token
+    if not tokens:
+        raise ConfigError(f"--client-tokens {path} names no client; write `ID TOKEN` lines")
+    return tokens
+
+
+def token_matches(presented: str | None, token: str) -> bool:
+    return presented is not None and hmac.compare_digest(presented.encode(), token.encode())
+
+
 def _presented(metadata: Any) -> str | None:
     for key, value in metadata or ():
         if key == _HEADER and isinstance(value, str) and value.startswith("Bearer "):
@@ -65,10 +100,12 @@ def _presented(metadata: Any) -> str | None:
 
 
 class TokenInterceptor(grpc.ServerInterceptor):
-    """Checks the bearer token on every call; a refused call never reaches a handler."""
+    """Checks the bearer token on every call; a refused call never reaches a handler. With
+    per-client tokens any of them passes here; the session then binds the token to its id."""
 
-    def __init__(self, token: str, log: logging.Logger) -> None:
-        self._token = token.encode()
+    def __init__(self, token: str | Collection[str], log: logging.Logger) -> None:
+        tokens = [token] if isinstance(token, str) else list(token)
+        self._tokens = [t.encode() for t in tokens]
         self._log = log
 
     def intercept_service(
@@ -77,7 +114,10 @@ class TokenInterceptor(grpc.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
         presented = _presented(handler_call_details.invocation_metadata)
-        if presented is not None and hmac.compare_digest(presented.encode(), self._token):
+        # every token is compared, so the time taken does not tell which one came close
+        if presented is not None and sum(
+            hmac.compare_digest(presented.encode(), token) for token in self._tokens
+        ):
             return continuation(handler_call_details)
         reason = "no token" if presented is None else "a wrong token"
         method = handler_call_details.method

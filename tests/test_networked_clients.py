@@ -1,0 +1,339 @@
+"""Many `hosl client --client-id I` processes with one `hosl serve --max-clients N` on 127.0.0.1:
+each client reads only its own data file, and all of them end holding one bit-identical client
+model, rebuilt from nothing but the server's update log. Ids are bound to tokens; a killed or
+hung client is dropped and the others train on; a late joiner and a restarted client catch up.
+
+Every process runs under a deadline and is killed in a `finally`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import sentiment_rows, tiny_llama
+from hosl.cli import main
+from hosl.federated.records import ClientUpdate, UpdateLog, replay
+from hosl.models.split import split_model
+from hosl.transport.grpc_server import _Refuse
+from hosl.transport.sessions import ClientHello, Roster
+from hosl.zo import ZoTarget
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+DEADLINE_S = 240  # a safety net for a loaded machine; a normal run needs seconds
+TOKENS = {0: "token-of-zero", 1: "token-of-one", 2: "token-of-two", 3: "token-of-three"}
+SIZES = {0: 20, 1: 24, 2: 28, 3: 16}  # each client's own training file, of its own size
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "HOSL_TOKEN"}
+    env["PYTHONPATH"] = os.pathsep.join([str(SRC), env.get("PYTHONPATH", "")])
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def _hosl(*args: str, log: Path) -> subprocess.Popen:
+    with open(log, "ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "hosl.cli", *args], env=_env(),
+                                stdout=out, stderr=out)
+
+
+def _wait(predicate: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + DEADLINE_S
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def _server_log(srv: Path) -> str:
+    log = srv / "server.log"
+    return log.read_text() if log.is_file() else ""
+
+
+def _committed(srv: Path) -> int:
+    lines = _server_log(srv).splitlines()
+    return max((int(x.rsplit(" ", 1)[1]) for x in lines if " committed step " in x), default=0)
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> dict:
+    """Per-client training files (different rows, different sizes), one eval file, tokens."""
+    root = tmp_path / "data"
+    root.mkdir()
+    out: dict = {"eval": root / "eval.jsonl", "tokens": root / "tokens"}
+    out["eval"].write_text("".join(json.dumps(r) + "\n" for r in sentiment_rows(8, 2)))
+    out["tokens"].write_text("".join(f"{cid} {tok}\n" for cid, tok in TOKENS.items()))
+    for cid, n in SIZES.items():
+        (root / f"train-{cid}.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in sentiment_rows(n, 100 + cid)))
+        (root / f"token-{cid}").write_text(TOKENS[cid] + "\n")
+    return out
+
+
+@contextmanager
+def server(model: Path, srv: Path, files: dict, steps: int, *extra: str
+           ) -> Iterator[tuple[subprocess.Popen, str]]:
+    args = ["--model", str(model), "--split-layer", "1", "--mode", "hosl", "--server-lr", "0.1",
+            "--optimizer", "adamw", "--steps", str(steps), "--output", str(srv), "--port", "0",
+            "--client-tokens", str(files["tokens"]), "--set", "memory_steps=0", *extra]
+    proc = _hosl("serve", *args, log=srv.parent / "serve.out")
+    try:
+        _wait(lambda: (srv / "server.json").is_file() or proc.poll() is not None, "the server")
+        assert proc.poll() is None, (srv.parent / "serve.out").read_text()[-3000:]
+        yield proc, f"127.0.0.1:{json.loads((srv / 'server.json').read_text())['port']}"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(30)
+
+
+def _client_args(model: Path, files: dict, address: str, cid: int, out: Path, steps: int,
+                 token_of: int | None = None) -> list[str]:
+    token = files["tokens"].parent / f"token-{cid if token_of is None else token_of}"
+    return [
+        "client", "--server", address, "--client-id", str(cid), "--token-file", str(token),
+        "--model", str(model), "--task", "sst2",
+        "--train-file", str(files["tokens"].parent / f"train-{cid}.jsonl"),
+        "--eval-file", str(files["eval"]), "--split-layer", "1", "--batch-size", "4",
+        "--max-length", "16", "--q", "2", "--client-lr", "5e-3", "--embedding-noise", "batch",
+        "--steps", str(steps), "--output", str(out), "--no-progress",
+        "--set", "memory_steps=0",  # metering every tensor operation costs a tiny run its time
+    ]
+
+
+def _state(run: Path) -> dict:
+    latest = (run / "checkpoints" / "latest").read_text().strip()
+    return torch.load(run / "checkpoints" / latest / "state.pt", weights_only=True)
+
+
+def _theta_c(run: Path) -> dict[str, torch.Tensor]:
+    return _state(run)["client"]["part"]
+
+
+def _assert_bitwise(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: str) -> None:
+    assert a.keys() == b.keys() and len(a) > 5
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{what}: {key} differs"
+
+
+def _server_records(srv: Path) -> list[ClientUpdate]:
+    log = UpdateLog()
+    log.load_state_dict(_state(srv)["clients"]["log"])
+    return log.since(0)
+
+
+def _rebuilt_from_log(records: list[ClientUpdate]) -> dict[str, torch.Tensor]:
+    """The base client part (the same random model the clients loaded) with the server's log
+    replayed onto it: what every client must hold, computed without any client."""
+    part = split_model(tiny_llama(), 1)[0]
+    replay(ZoTarget(part), records)
+    return part.state_dict()
+
+
+def _run_all(procs: dict[int, subprocess.Popen], logs: Path) -> None:
+    try:
+        for cid, proc in procs.items():
+            rc = proc.wait(DEADLINE_S)
+            assert rc == 0, f"client {cid}: " + (logs / f"client-{cid}.out").read_text()[-3000:]
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+
+
+def test_three_clients_and_a_late_joiner_end_bit_identical_each_with_its_own_id(
+    tiny_model_dir, files, tmp_path, capsys
+) -> None:
+    steps = 12
+    srv = tmp_path / "server"
+    runs = {cid: tmp_path / f"client-{cid}" for cid in range(4)}
+    with server(tiny_model_dir, srv, files, steps, "--max-clients", "4",
+                "--min-clients", "3") as (proc, address):
+        # client 1's own token with client 0's id: refused before anything is written
+        spoof = _client_args(tiny_model_dir, files, address, 0, tmp_path / "spoof", steps,
+                             token_of=1)
+        assert main(spoof) == 2
+        assert "PERMISSION_DENIED" in capsys.readouterr().err
+        assert not (tmp_path / "spoof").exists() and proc.poll() is None
+        procs = {cid: _hosl(*_client_args(tiny_model_dir, files, address, cid, runs[cid], steps),
+                            log=tmp_path / f"client-{cid}.out") for cid in range(3)}
+        try:
+            # the late joiner: from the base model, once the log holds records
+            _wait(lambda: _committed(srv) >= 2, "a few steps")
+            assert main(_client_args(tiny_model_dir, files, address, 3, runs[3], steps)) == 0
+        finally:
+            _run_all(procs, tmp_path)
+    log = _server_log(srv)
+    assert "client id 0 does not belong to the token presented" in log
+    joined = [line for line in log.splitlines() if "client 3 (" in line and "joined" in line]
+    assert len(joined) == 1 and "holding 0 log records" in joined[0]
+    assert int(joined[0].split(" joined at step ")[1].split()[0]) >= 2  # it did join late
+    records = _server_records(srv)
+    assert [r.step for r in records] == list(range(steps))
+    # sequential turns, round-robin over whoever was connected
+    assert [r.client for r in records[:3]] == [0, 1, 2]
+    assert all(a.client != b.client for a, b in zip(records, records[1:]))
+    theta = {cid: _theta_c(run) for cid, run in runs.items()}
+    expected = _rebuilt_from_log(records)
+    base = split_model(tiny_llama(), 1)[0].state_dict()
+    assert any(not torch.equal(base[k], expected[k]) for k in base)  # training moved θ_c
+    for cid in range(4):
+        _assert_bitwise(expected, theta[cid], f"client {cid} against the server's log")
+    # summary.json: each client's own data, sync bytes beside FedAvg's 2 × |θ_c|
+    theta_bytes = sum(t.numel() * t.element_size() for t in expected.values())
+    sizes = [len(r.encode()) for r in records]
+    for cid, run in runs.items():
+        summary = json.loads((run / "summary.json").read_text())
+        block = summary["clients"]
+        assert block["this_client"]["examples"] == SIZES[cid]
+        mine = [s for r, s in zip(records, sizes) if r.client == cid]
+        assert block["this_client"]["up_bytes"] == sum(mine)
+        assert block["this_client"]["steps"] == len(mine)
+        # everything it did not upload itself, it downloaded (the late joiner: from record 0)
+        assert block["this_client"]["down_bytes"] == sum(sizes) - sum(mine)
+        assert block["fedavg_bytes_per_client_round"] == 2 * theta_bytes
+        assert 0 < block["sync_bytes_per_client_round"] < block["fedavg_bytes_per_client_round"]
+        assert [c["steps"] for c in block["per_client"]] == [
+            sum(r.client == c for r in records) for c in range(4)]
+    assert json.loads((srv / "clients.json").read_text())["log_records"] == steps
+
+
+def test_killed_and_hung_clients_are_dropped_and_a_restarted_one_catches_up(
+    tiny_model_dir, files, tmp_path
+) -> None:
+    steps = 14
+    srv = tmp_path / "server"
+    runs = {cid: tmp_path / f"client-{cid}" for cid in range(3)}
+    with server(tiny_model_dir, srv, files, steps, "--max-clients", "3", "--min-clients", "3",
+                "--turn-timeout", "8") as (_, address):
+        procs = {cid: _hosl(*_client_args(tiny_model_dir, files, address, cid, runs[cid], steps),
+                            "--checkpoint-every", "1", log=tmp_path / f"client-{cid}.out")
+                 for cid in range(3)}
+        try:
+            _wait(lambda: _committed(srv) >= 3, "a few steps")
+            procs[1].send_signal(signal.SIGKILL)  # killed: its stream ends at once
+            procs[1].wait(30)
+            _wait(lambda: "client 1 left" in _server_log(srv), "the server to notice")
+            at_kill = _committed(srv)
+            procs[2].send_signal(signal.SIGSTOP)  # hung: silent in its turn until the deadline
+            _wait(lambda: "refused client" in _server_log(srv)
+                  and "(client 2)" in _server_log(srv), "the hung client to be dropped")
+            at_drop = _committed(srv)
+            procs[2].kill()
+            # client 1 restarts from its checkpoint and catches up with the log's tail
+            assert main(["client", "--resume", str(runs[1]), "--server", address,
+                         "--client-id", "1", "--token-file",
+                         str(files["tokens"].parent / "token-1"), "--no-progress"]) == 0
+            assert procs[0].wait(DEADLINE_S) == 0
+        finally:
+            for proc in procs.values():
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGCONT)
+                    proc.kill()
+    log = _server_log(srv)
+    assert "the session was idle for 8 s" in log and "client 2 left" in log
+    records = _server_records(srv)
+    assert _committed(srv) == steps and at_kill < steps
+    # nothing half-applied: every record the log holds is a whole step, and the two clients
+    # that finished hold exactly the log replayed onto the base model
+    expected = _rebuilt_from_log(records)
+    for cid in (0, 1):
+        _assert_bitwise(expected, _theta_c(runs[cid]), f"client {cid}")
+    assert all(r.client != 2 for r in records if r.step >= at_drop)  # dropped: no more turns
+    assert all(r.client != 1 for r in records if at_kill <= r.step < at_drop)
+    resumed = [x for x in log.splitlines() if "client 1 (" in x and "joined" in x][-1]
+    assert "holding 0 log records" not in resumed  # it restarted from its own checkpoint
+
+
+def test_what_networked_clients_refuse(tiny_model_dir, files, tmp_path, capsys) -> None:
+    """Refusals that need no server, each before anything is written."""
+    args = _client_args(tiny_model_dir, files, "127.0.0.1:1", 0, tmp_path / "c", 4)
+    cases = [
+        (["train", *[a for a in args[1:] if a not in ("--server", "127.0.0.1:1")]],
+         "give --server"),
+        ([*args, "--clients", "3"], "drop --clients"),
+        ([*args, "--client-schedule", "parallel"], "parallel schedule runs in process only"),
+        ([*args, "--mode", "fo", "--embedding-noise", "all"], "not 'fo'"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, message
+        assert message in capsys.readouterr().err
+    serve = ["serve", "--model", str(tiny_model_dir), "--output", str(tmp_path / "s"),
+             "--max-clients", "3", "--port", "0"]
+    assert main([*serve, "--set", "clients.schedule=parallel"]) == 2
+    assert "parallel schedule runs in process only" in capsys.readouterr().err
+    assert main([*serve, "--min-clients", "4"]) == 2
+    assert "--min-clients 4: must be 1..--max-clients (3)" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists() and not (tmp_path / "s").exists()
+
+
+def test_the_roster_hands_out_one_turn_at_a_time_and_binds_ids_to_tokens() -> None:
+    """The server's turn keeping without a network: who may step, commit and join when."""
+    committed = [0]  # the server's committed steps, as its ledger would say
+    roster = Roster(max_clients=2, min_clients=2, total_steps=2, committed=lambda: committed[0],
+                    tokens={0: "token-a", 1: "token-b"})
+    roster.check_token(0, "token-a")
+    for cid, token in ((0, "token-b"), (2, "token-a"), (0, None)):
+        with pytest.raises(_Refuse, match="does not belong"):
+            roster.check_token(cid, token)
+    m0, m1 = ClientHello(0, 0, 5, 64), ClientHello(1, 0, 5, 64)
+    roster.admit(m0)
+    with pytest.raises(_Refuse, match="already connected"):
+        roster.admit(ClientHello(0, 0, 5, 64))
+    stop, got = threading.Event(), {}
+    waiter = threading.Thread(target=lambda: got.update(roster.wait_turn(m0, stop)))
+    waiter.start()
+    time.sleep(0.3)
+    assert waiter.is_alive()  # no turn before --min-clients have joined
+    roster.admit(m1)
+    with pytest.raises(_Refuse, match="already has 2 clients"):
+        roster.admit(ClientHello(2, 0, 5, 64))
+    waiter.join(10)
+    assert got["step"] == 0 and not got["done"] and got["records"] == []
+    assert roster.in_turn(m0, 0) and not roster.in_turn(m1, 0) and not roster.in_turn(m0, 1)
+    with pytest.raises(_Refuse, match="before the server applied"):
+        roster.commit(m0, None)
+    committed[0] = 1
+    record = ClientUpdate(0, 0, 0.1, 0.0, ((7, 0.5),)).encode()
+    with pytest.raises(_Refuse, match="outside its turn"):
+        roster.commit(m1, record)
+    with pytest.raises(_Refuse, match="not step 0 of client 0"):
+        roster.commit(m0, ClientUpdate(0, 1, 0.1, 0.0, ((7, 0.5),)).encode())
+    with pytest.raises(_Refuse, match="malformed"):
+        roster.commit(m0, record[:-3])
+    assert roster.commit(m0, record) == 1
+    turn = roster.wait_turn(m1, stop)  # round-robin: client 1 next, with client 0's record
+    assert turn["step"] == 1 and turn["records"] == [record]
+    assert roster.leave(m1)  # it held the turn: the server must discard its partial step
+    committed[0] = 2
+    turn = roster.wait_turn(m0, stop)
+    assert turn["done"] and turn["records"] == []  # its own record it never downloads
+    report = roster.report()
+    assert [c["steps"] for c in report["per_client"]] == [1, 0]
+    assert report["per_client"][1]["down_bytes"] == len(record)
+    assert report["fedavg_bytes_per_client_round"] == 128
+    # the server's checkpoint keeps the log and the books, through torch.load(weights_only=True)
+    buffer = io.BytesIO()
+    torch.save(roster.state_dict(), buffer)
+    buffer.seek(0)
+    restarted = Roster(max_clients=2, min_clients=2, total_steps=4, committed=lambda: 2)
+    restarted.load_state_dict(torch.load(buffer, weights_only=True))
+    assert restarted.sync.log.encoded_since(0) == [record] and restarted.report() == report
+    with pytest.raises(_Refuse, match="belongs to another run"):
+        restarted.admit(ClientHello(1, 2, 5, 64))  # it holds more of the log than the server
+    restarted.admit(ClientHello(1, 0, 5, 64))  # a rejoining client from the base model
+    assert restarted.wait_turn(restarted.members[1], stop)["records"] == [record]
