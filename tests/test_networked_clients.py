@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from conftest import sentiment_rows, tiny_llama
+from hosl.checkpoint import load_latest
 from hosl.cli import main
 from hosl.federated.records import ClientUpdate, UpdateLog, replay
 from hosl.models.split import split_model
@@ -116,8 +117,9 @@ def _client_args(model: Path, files: dict, address: str, cid: int, out: Path, st
 
 
 def _state(run: Path) -> dict:
-    latest = (run / "checkpoints" / "latest").read_text().strip()
-    return torch.load(run / "checkpoints" / latest / "state.pt", weights_only=True)
+    loaded = load_latest(run)
+    assert loaded is not None, f"{run} has no checkpoint"
+    return loaded[1]
 
 
 def _theta_c(run: Path) -> dict[str, torch.Tensor]:
