@@ -28,7 +28,7 @@ import torch
 
 from hosl.batching import Batch
 from hosl.models.split import Activations, position_ids_from_mask
-from hosl.parties.client import ClientParty
+from hosl.parties.client import ClientParty, LazyDeltas
 from hosl.protocol import (
     CutBatch,
     EvalRequest,
@@ -117,6 +117,8 @@ def hosl_step(run: SplitRunner, micro_batches: Sequence[Batch], step: int) -> fl
                 clean=clean.hidden,
             )
         )
+        if isinstance(deltas, LazyDeltas):
+            deltas.look_up_unread_rows()
         records.add_losses(seeds, reply.losses, run.eps)
         losses.append(reply.loss)
     run.client.apply_zo(records.records, run.zo_lr(step), run.weight_decay)
@@ -200,6 +202,7 @@ def zo_step(run: SplitRunner, micro_batches: Sequence[Batch], step: int) -> floa
     lr = run.zo_lr(step)
     for m, batch in enumerate(micro_batches):
         seeds = run.seeds(step, m)
+        deltas = run.client.perturbed_deltas(batch, seeds, run.eps)
         reply = run.transport.zo_step(
             ZoStepRequest(
                 step=step,
@@ -210,9 +213,11 @@ def zo_step(run: SplitRunner, micro_batches: Sequence[Batch], step: int) -> floa
                 eps=run.eps,
                 seeds=seeds,
                 batch=cut(batch),  # ZO-ZO needs no clean forward pass
-                perturbed=run.client.perturbed_deltas(batch, seeds, run.eps),
+                perturbed=deltas,
             )
         )
+        if isinstance(deltas, LazyDeltas):
+            deltas.look_up_unread_rows()
         for seed, g in zip(seeds, reply.grads):
             records.add(seed, g)
         losses.append(sum(reply.losses) / len(reply.losses))

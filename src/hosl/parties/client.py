@@ -46,6 +46,7 @@ class LazyDeltas(Sequence[Tensor]):
         self._party, self._batch, self._seeds, self._eps = party, batch, list(seeds), eps
         self._base = base
         self._plus: tuple[int, Tensor] | None = None  # (q, h⁺_q) while h⁻_q is pending
+        self._read: set[int] = set()  # pairs q with an element read
 
     def __len__(self) -> int:
         return 2 * len(self._seeds)
@@ -58,6 +59,7 @@ class LazyDeltas(Sequence[Tensor]):
         if not -len(self) <= i < len(self):
             raise IndexError(i)
         q, minus = divmod(i % len(self), 2)
+        self._read.add(q)
         hidden = self._hidden(q, -1 if minus else +1)  # (S, L, H), an inference tensor
         if self._base is None and not minus:
             self._plus = (q, hidden)
@@ -72,6 +74,16 @@ class LazyDeltas(Sequence[Tensor]):
 
     def __iter__(self) -> Iterator[Tensor]:
         return (self[i] for i in range(len(self)))
+
+    def look_up_unread_rows(self) -> None:
+        """With row-sparse noise, run one forward of each pair nobody read: the rows it looks up
+        (a function of the batch) are what the update draws z on. A transport that answers from
+        a record (a journal replay) reads none of the activations."""
+        if self._party.zo.rows_seen is None:
+            return
+        for q in range(len(self._seeds)):
+            if q not in self._read:
+                self._hidden(q, +1)
 
 
 class PairDifferences(Sequence[Tensor]):
