@@ -324,7 +324,7 @@ def _client_reason(parts: dict[str, Any], length: int) -> str:
                 "(the looked-up embedding rows, or the largest other tensor drawn whole)")
     return (f"{fo}; HOSL's client peaks in its forward pass: {parts['params']:.0f} MiB of "
             f"parameters plus {parts['hosl_work']:.0f} MiB of working set at {length} tokens "
-            "(one block's activations and the 2Q perturbed outputs it holds)")
+            "(one block's activations, its clean h and the perturbed output being made)")
 
 
 def _pick(ratios: dict[str, Any], key: str) -> tuple[float | None, str]:
@@ -354,8 +354,8 @@ def verdicts(result: dict[str, Any]) -> list[dict[str, Any]]:
             "verdict": "met" if met else "missed",
             "reason": None if met else (
                 f"HOSL's client peaks in its {parts['phase']} phase with "
-                f"{parts['hosl_work']:.0f} MiB over its parameters (the 2Q perturbed outputs it "
-                f"holds, ZO noise of up to {parts['noise']:.0f} MiB), inference with "
+                f"{parts['hosl_work']:.0f} MiB over its parameters (its clean h beside a "
+                f"perturbed forward, ZO noise of up to {parts['noise']:.0f} MiB), inference with "
                 f"{parts['inference_work']:.0f} MiB at {length} tokens"),
         })
     for cell in result["cells"]:
@@ -415,6 +415,7 @@ def write_markdown(result: dict[str, Any]) -> str:
         f"- Command: `{result['command']}`"
         + (f" (this report re-derived by `{result['rendered_by']}`)"
            if "rendered_by" in result else ""),
+        *[f"- {note}" for note in result.get("notes", [])],
         f"- Settings: batch {BATCH}, split k = {SPLIT}, Q = {Q}, float32, sdpa attention, "
         "bf16 wire; FO parties use AdamW (fo-sgd: SGD). Random weights with the real shapes.",
         "- Measured = `PartyMeter` peak (bytes of live tensors each party allocated) over one "

@@ -34,7 +34,7 @@ from hosl.memory.measure import PartyMeter
 from hosl.models.split import Activations, split_model
 from hosl.optim import build_optimizer
 from hosl.scoring import classification_loss
-from test_memory_split import BATCH, HIDDEN, TOLERANCE, _batch, _config
+from test_memory_split import BATCH, HIDDEN, _batch, _config, assert_within_tolerance
 
 LENGTH, SPLIT, Q = 64, 2, 1
 # peft's get_peft_model asks transformers a deprecated question (neither is hosl's call)
@@ -105,10 +105,7 @@ def results() -> dict[tuple[str, str], tuple[dict[str, int], dict[str, int]]]:
 @pytest.mark.parametrize("family", ["llama", "opt"])
 @pytest.mark.parametrize("setup", list(SETUPS))
 def test_analytic_total_is_within_15_percent_of_each_measured_party(results, family, setup):
-    measured, modelled = results[family, setup]
-    assert set(measured) == set(modelled)
-    for party, peak in measured.items():
-        assert abs(modelled[party] / peak - 1) < TOLERANCE, (party, modelled[party], peak)
+    assert_within_tolerance(*results[family, setup])
 
 
 @pytest.mark.parametrize("family", ["llama", "opt"])
@@ -180,7 +177,7 @@ def test_lora_server_estimate_matches_a_metered_peft_server_step(family, checkpo
         optimizer="adamw", attention="sdpa", adapters={"server": spec},
         checkpointing=["server"] if checkpointing else [], boundary_copies=1,
     ).server
-    assert abs(est.total / meter.peak_bytes - 1) < TOLERANCE, (est.total, meter.peak_bytes)
+    assert_within_tolerance({"server": meter.peak_bytes}, {"server": est.total})
     # the trainable bytes are peft's own count of trainable parameters
     assert est.components["gradients"] == 4 * sum(p.numel() for p in trainable)
     assert est.components["optimizer_state"] == 2 * est.components["gradients"]
@@ -209,6 +206,8 @@ def test_lora_parameter_count_follows_rank_and_targets():
         ({"mode": "fo", "fused_update": True, "optimizer": "adamw"}, "needs the client optimizer"),
         ({"mode": "fo", "adapters": {"client": LoraSpec(targets=("wq",))}}, "no LoRA target"),
         ({"mode": "fo-full", "adapters": {"server": LoraSpec()}}, "has no such party"),
+        ({"mode": "fo", "estimator": "cut-grad"}, "is hosl's"),
+        ({"mode": "hosl", "estimator": "grads"}, "unknown estimator"),
     ],
 )
 def test_savings_a_mode_cannot_make_are_refused(kwargs, message):
@@ -217,8 +216,8 @@ def test_savings_a_mode_cannot_make_are_refused(kwargs, message):
 
 
 def test_hosl_memory_flags_reach_the_model(capsys):
-    """`hosl memory --checkpointing/--lora/--fused-update/--client-optimizer` model what
-    `estimate` models with the same choices, and each changes the party it names."""
+    """`hosl memory --checkpointing/--lora/--fused-update/--client-optimizer/--estimator` model
+    what `estimate` models with the same choices, and each changes the party it names."""
     import json
 
     from hosl import cli
@@ -235,6 +234,8 @@ def test_hosl_memory_flags_reach_the_model(capsys):
                     "--client-optimizer", "sgd"],
                    dict(mode="fo", checkpointing=["client"], fused_update=True,
                         client_optimizer="sgd")),
+        "cut-grad": (["--mode", "hosl", "--estimator", "cut-grad"],
+                     dict(mode="hosl", estimator="cut-grad")),
     }
     totals = {}
     for name, (flags, kwargs) in runs.items():
@@ -246,3 +247,6 @@ def test_hosl_memory_flags_reach_the_model(capsys):
         assert totals[name] == {p: v.total for p, v in est.parties.items()}, name
     assert totals["server"]["server"] < totals["plain"]["server"] / 2
     assert totals["server"]["client"] == totals["plain"]["client"]
+    # cut-grad: the server backpropagates h alone, the client holds dL/dh beside h⁺_q
+    assert totals["cut-grad"]["server"] < totals["plain"]["server"]
+    assert totals["cut-grad"]["client"] > totals["plain"]["client"]

@@ -172,9 +172,10 @@ def build_run(
     client_opt, client_sched, fused = fo_client(cfg, client_part) if cfg.mode == "fo" else (
         None, None, None
     )
-    # A streaming transport sends each perturbed activation as its forward pass ends.
+    # Both transports stream: each perturbed activation is computed when it is sent, and freed
+    # before the next (the client holds one at a time, not 2Q).
     client = ClientParty(
-        client_part, client_opt, client_sched, lazy_pairs=transport is not None,
+        client_part, client_opt, client_sched, lazy_pairs=True,
         row_sparse=cfg.zo.embedding_noise == "batch", fused=fused,
     )
     server = None
@@ -188,7 +189,8 @@ def build_run(
         server = ServerParty(server_part, server_opt, server_sched, grad_accum=cfg.grad_accum)
         # Both parties take what they receive in float32: a ZO party computes in float32 whatever
         # its parameters' dtype, and an FO party casts to its own dtype where it needs to.
-        transport = LocalTransport(server, wire_dtype=DTYPES[cfg.wire_dtype], client=client)
+        transport = LocalTransport(server, wire_dtype=DTYPES[cfg.wire_dtype], client=client,
+                                   hidden_size=int(server_part.config.hidden_size))
     runner = SplitRunner(
         client=client,
         transport=transport,

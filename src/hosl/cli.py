@@ -304,7 +304,7 @@ def _memory_savings(args: argparse.Namespace) -> dict:
     spec = LoraSpec(rank=args.lora_rank, targets=tuple(args.lora_targets.split(",")))
     return dict(checkpointing=args.checkpointing or (), fused_update=args.fused_update,
                 client_optimizer=args.client_optimizer,
-                adapters={party: spec for party in args.lora or ()})
+                adapters={party: spec for party in args.lora or ()}, estimator=args.estimator)
 
 
 def cmd_memory(args: argparse.Namespace) -> int:
@@ -449,6 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
     mem.add_argument("--logits", default="scored", choices=["scored", "full"],
                      help="full: what a server that materialises (B x L x V) logits needs")
     mem.add_argument("--q", type=int, default=1, help="ZO perturbation pairs per step")
+    mem.add_argument("--estimator", default="losses", choices=["losses", "cut-grad"],
+                     help="hosl's zo.estimator (cut-grad: the server returns dL/dh)")
     mem.add_argument("--checkpointing", action="append", choices=["client", "server", "model"],
                      help="a party whose blocks are checkpointed (repeatable)")
     mem.add_argument("--fused-update", action="store_true",

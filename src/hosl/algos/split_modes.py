@@ -21,13 +21,14 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import TypeVar
 
 import torch
 
 from hosl.batching import Batch
 from hosl.models.split import Activations, position_ids_from_mask
-from hosl.parties.client import ClientParty
+from hosl.parties.client import ClientParty, LazyDeltas
 from hosl.protocol import (
     CutBatch,
     EvalRequest,
@@ -102,7 +103,10 @@ def hosl_step(run: SplitRunner, micro_batches: Sequence[Batch], step: int) -> fl
     for m, batch in enumerate(micro_batches):
         seeds = run.seeds(step, m)
         clean = run.client.activations(batch)  # (S, L, H) at θ_c
-        deltas = run.client.perturbed_deltas(batch, seeds, run.eps, clean.hidden)  # 2Q × (S, L, H)
+        # 2Q × (S, L, H), lazy with a streaming transport (both of hosl's): each perturbed forward
+        # runs when the transport sends its output, which is freed before the next one runs, so
+        # the client holds the clean h and one perturbed activation beyond inference.
+        deltas = run.client.perturbed_deltas(batch, seeds, run.eps, clean.hidden)
         reply = run.transport.hosl_step(
             HoslStepRequest(
                 step=step,
@@ -113,6 +117,8 @@ def hosl_step(run: SplitRunner, micro_batches: Sequence[Batch], step: int) -> fl
                 clean=clean.hidden,
             )
         )
+        if isinstance(deltas, LazyDeltas):
+            deltas.look_up_unread_rows()
         records.add_losses(seeds, reply.losses, run.eps)
         losses.append(reply.loss)
     run.client.apply_zo(records.records, run.zo_lr(step), run.weight_decay)
@@ -123,22 +129,31 @@ def hosl_cut_grad_step(run: SplitRunner, micro_batches: Sequence[Batch], step: i
     records = ZoRecords(run.q, len(micro_batches))
     losses: list[float] = []
     last = len(micro_batches) - 1
+    # A remote server answers while the client computes its Q differences (all held until the
+    # answer comes). In process nothing runs beside the server call, so each pair's forwards run
+    # when its derivative is taken: the client holds ∂L/∂h, h⁺_q and h⁻_q at most, whatever Q is.
+    beside_server = run.overlap is not run_in_turn
     for m, batch in enumerate(micro_batches):
         seeds = run.seeds(step, m)
         clean = run.client.activations(batch)  # (S, L, H) at θ_c
         request = FoStepRequest(
             step=step, micro=m, update=m == last, batch=cut(batch, clean), hidden=clean.hidden
         )
-        # The client's 2Q forwards need nothing from the server: they run while it answers.
+        del clean  # the request holds h until it is sent
+        # The client's 2Q forwards need nothing from the server: they may run while it answers.
         reply, pairs = run.overlap(
-            lambda request=request: run.transport.fo_step(request),
-            lambda batch=batch, seeds=seeds: run.client.pair_differences(batch, seeds, run.eps),
+            partial(run.transport.fo_step, request),
+            partial(run.client.pair_differences, batch, seeds, run.eps, lazy=not beside_server),
         )
-        # ∂L/∂h carries the server's 1/A accumulation scale; ZoRecords applies 1/(Q·A) itself
-        grad = reply.grad * len(micro_batches)
-        for seed, diff in zip(seeds, pairs, strict=True):
-            records.add(seed, directional_derivative(grad, diff, run.eps))
+        del request  # sent: h is freed before any perturbed forward runs in process
         losses.append(reply.loss)
+        with run.client.phase("zo_estimate"):  # the client's bytes: its meter sees them
+            # ∂L/∂h carries the server's 1/A accumulation scale; ZoRecords applies 1/(Q·A) itself
+            grad = reply.grad * len(micro_batches)  # (S, L, H)
+            del reply  # its unscaled ∂L/∂h
+            for q, seed in enumerate(seeds):  # by index: each difference freed before the next
+                records.add(seed, directional_derivative(grad, pairs[q], run.eps))
+            del grad, pairs
     run.client.apply_zo(records.records, run.zo_lr(step), run.weight_decay)
     return sum(losses) / len(losses)
 
@@ -187,6 +202,7 @@ def zo_step(run: SplitRunner, micro_batches: Sequence[Batch], step: int) -> floa
     lr = run.zo_lr(step)
     for m, batch in enumerate(micro_batches):
         seeds = run.seeds(step, m)
+        deltas = run.client.perturbed_deltas(batch, seeds, run.eps)
         reply = run.transport.zo_step(
             ZoStepRequest(
                 step=step,
@@ -197,9 +213,11 @@ def zo_step(run: SplitRunner, micro_batches: Sequence[Batch], step: int) -> floa
                 eps=run.eps,
                 seeds=seeds,
                 batch=cut(batch),  # ZO-ZO needs no clean forward pass
-                perturbed=run.client.perturbed_deltas(batch, seeds, run.eps),
+                perturbed=deltas,
             )
         )
+        if isinstance(deltas, LazyDeltas):
+            deltas.look_up_unread_rows()
         for seed, g in zip(seeds, reply.grads):
             records.add(seed, g)
         losses.append(sum(reply.losses) / len(reply.losses))

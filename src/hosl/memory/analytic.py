@@ -17,6 +17,7 @@ meter phases differently, e.g. one "forward_backward" phase covers forward and b
               embedding's z is drawn per row: a forward makes only the looked-up rows, the update
               one chunk of rows at a time (unless a head in the same party needs all of it).
 - eval      — the HOSL server's forward-only evaluation of the 2Q perturbed losses.
+- estimate  — the HOSL client with the cut-gradient estimator: the float64 dot products.
 - update    — an FO optimizer step: gradients, state, and for AdamW two temporaries the size of
               the largest tensor (single-tensor AdamW as PyTorch runs it on CPU; the multi-tensor
               path it uses on CUDA makes them for all tensors at once).
@@ -30,14 +31,18 @@ whatever `optimizer` says.
 
 Boundary activations are the (B, L, H) tensors crossing the cut that a party holds, counted
 separately for its forward passes and for the rest of its step, as the split loops hold them
-(one round trip per step):
-- HOSL: the client holds the 2Q perturbed outputs while it runs the clean forward, then sends all
-  2Q+1 and still holds them through its update; the server holds the 2Q+1 it received throughout.
+(one round trip per step; both transports stream the perturbed activations, each computed when
+it is sent and freed once encoded):
+- HOSL, `estimator="losses"`: the client holds its clean h (1) through its perturbed forwards and
+  its update, one perturbed output at a time beyond it (that output is the forward's own); the
+  server holds the 2Q+1 it received throughout.
+- HOSL, `estimator="cut-grad"`: the client sends its clean h and frees it, then runs each pair's
+  forwards holding dL/dh and h⁺_q (2); the server is an FO-FO server (1).
 - FO-FO: the client's own output is one of its stored activations; it holds dL/dh (1) through
   backward. The server holds the h it received (1); the dL/dh it returns is made at the very end
   of its backward, when most activations are freed.
-- ZO-ZO: the client holds its 2Q perturbed outputs (its clean forward only produces the masks the
-  server needs); the server holds the 2Q it received.
+- ZO-ZO: the client holds h⁺_q while it runs h⁻_q (1; its clean forward only produces the masks
+  the server needs); the server holds the 2Q it received.
 - inference: the client's output is made after its last block's working set is freed (0); the
   server holds what it received (1).
 `boundary_copies` replaces all of these with one count for every party and phase. Serialised
@@ -75,6 +80,7 @@ from hosl.zo.seeds import ROW_CHUNK_ELEMENTS
 MODES = ("hosl", "fo", "zo", "frozen", "fo-full", "zo-full", "inference")
 OPTIMIZER_STATES = {"sgd": 0, "momentum": 1, "adamw": 2}  # state tensors per parameter
 LOGITS = ("scored", "full")
+ESTIMATORS = ("losses", "cut-grad")  # how a HOSL client reads its projected gradients
 COMPONENTS = (
     "parameters",
     "gradients",
@@ -131,6 +137,7 @@ class MemoryEstimate:
     fused_update: bool = False
     adapters: dict[str, LoraSpec] = field(default_factory=dict)
     client_optimizer: str | None = None
+    estimator: str = "losses"
 
     @property
     def client(self) -> PartyEstimate | None:
@@ -156,16 +163,20 @@ def _check(choice: str, allowed: tuple[str, ...], what: str) -> None:
         raise ConfigError(f"unknown {what} {choice!r}; choose one of: {', '.join(allowed)}")
 
 
-def _default_boundary_copies(mode: str, party: str, q: int) -> tuple[int, int]:
+def _default_boundary_copies(mode: str, party: str, q: int,
+                             estimator: str = "losses") -> tuple[int, int]:
     """(held during the party's forward passes, held during the rest of its step)."""
+    if mode == "hosl" and estimator == "cut-grad":
+        # the rest of the client's step: the ZO noise of h⁻_q's forward is drawn beside both
+        return {"client": (2, 2), "server": (1, 1)}[party]
     copies = {
-        ("hosl", "client"): (2 * q, 2 * q + 1),
+        ("hosl", "client"): (1, 1),
         ("hosl", "server"): (2 * q + 1, 2 * q + 1),
         ("fo", "client"): (0, 1),
         ("fo", "server"): (1, 1),
         ("frozen", "client"): (0, 1),
         ("frozen", "server"): (1, 1),
-        ("zo", "client"): (2 * q, 2 * q),
+        ("zo", "client"): (1, 1),
         ("zo", "server"): (2 * q, 2 * q),
         ("inference", "client"): (0, 0),
         ("inference", "server"): (1, 1),
@@ -273,6 +284,7 @@ def estimate(
     checkpointing: Collection[str] = (),
     fused_update: bool = False,
     adapters: Mapping[str, LoraSpec] | None = None,
+    estimator: str = "losses",
 ) -> MemoryEstimate:
     """Model each party's memory for one step of `mode` (see the module docstring).
 
@@ -288,12 +300,19 @@ def estimate(
     `server.checkpointing`); `fused_update` is the `fo` client's fused SGD step
     (`client.fused_update`); `adapters` maps a party to the LoRA adapters it trains instead of
     its parameters (`hosl.memory.adapters`).
+
+    `estimator` is how a HOSL client reads its projected gradients (`zo.estimator`): "losses"
+    (the server evaluates the 2Q perturbed activations) or "cut-grad" (the server returns dL/dh
+    and backpropagates once, as an FO-FO server; the client takes the pairs' differences).
     """
     _check(mode, MODES, "mode")
     _check(dtype, tuple(DTYPE_BYTES), "dtype")
     _check(optimizer, tuple(OPTIMIZER_STATES), "optimizer")
     _check(logits, LOGITS, "logits setting")
     _check(attention, ATTENTION_KERNELS, "attention kernel")
+    _check(estimator, ESTIMATORS, "estimator")
+    if estimator != "losses" and mode != "hosl":
+        raise ConfigError(f"estimator {estimator!r} is hosl's; mode {mode} has none")
     if min(batch, length, positions, q) < 1:
         raise ConfigError("batch, length, positions and q must all be at least 1")
     if client_optimizer is not None:
@@ -321,7 +340,7 @@ def estimate(
     for party, role in roles.items():
         # A ZO party computes in float32 whatever its parameters' dtype (hosl.zo.engine).
         act_bytes = 4 if role == "zo" else param_bytes
-        copies = _default_boundary_copies(mode, party, q)
+        copies = _default_boundary_copies(mode, party, q, estimator)
         if boundary_copies is not None and party != "model":
             copies = (boundary_copies, boundary_copies)
         plan = _plan(
@@ -332,8 +351,12 @@ def estimate(
         )
         own = client_optimizer if party == "client" and client_optimizer else optimizer
         state_per_param = OPTIMIZER_STATES[own] if role == "fo" else 0
-        evaluates = mode == "hosl" and party == "server"
+        evaluates = mode == "hosl" and estimator == "losses" and party == "server"
         components, phases = party_phases(plan, role, state_per_param, evaluates=evaluates)
+        if mode == "hosl" and estimator == "cut-grad" and party == "client":
+            # g_q = ⟨∂L/∂h, h⁺_q − h⁻_q⟩ summed in float64: both (B, L, H) and their float64
+            # copies (hosl.zo.estimate.directional_derivative), after the forward passes
+            phases["estimate"] = components["parameters"] + 6 * plan.hidden
         peak_phase = max(phases, key=phases.get)
         parties[party] = PartyEstimate(role, components, phases, phases[peak_phase], peak_phase)
     return MemoryEstimate(
@@ -341,6 +364,7 @@ def estimate(
         length=length, dtype=dtype, optimizer=optimizer, positions=positions, logits=logits, q=q,
         attention=attention, parties=parties, checkpointing=checkpointing,
         fused_update=fused_update, adapters=adapters, client_optimizer=client_optimizer,
+        estimator=estimator,
     )
 
 

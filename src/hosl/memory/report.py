@@ -85,7 +85,11 @@ def _check_split(mode: str, split_layer: int | None, config: PretrainedConfig) -
 
 
 def _boundary_label(est: MemoryEstimate) -> str:
-    copies = {"hosl": "2Q+1", "zo": "2Q", "fo": "h, dL/dh", "inference": "h"}.get(est.mode)
+    # (B, L, H) tensors held at once: the client streams its perturbed ones, the server keeps them
+    copies = {"hosl": "client h, server 2Q+1", "zo": "client h+, server 2Q", "fo": "h, dL/dh",
+              "inference": "h"}.get(est.mode)
+    if est.mode == "hosl" and est.estimator == "cut-grad":
+        copies = "client dL/dh and h+, server h"
     return f"cut-layer activations ({copies})" if copies else "cut-layer activations"
 
 
@@ -124,7 +128,8 @@ def format_report(est: MemoryEstimate, label: str, *, full_logits_server: int | 
         split,
         f"batch {est.batch} x {est.length} tokens, {est.dtype}, {optimizer}, q={est.q}, "
         f"{est.positions} scored position(s) per sequence, {est.logits} logits, "
-        f"{est.attention} attention",
+        f"{est.attention} attention"
+        + (", cut-grad estimator (server returns dL/dh)" if est.estimator == "cut-grad" else ""),
         *_savings_lines(est),
         "",
     ]

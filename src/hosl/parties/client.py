@@ -46,6 +46,7 @@ class LazyDeltas(Sequence[Tensor]):
         self._party, self._batch, self._seeds, self._eps = party, batch, list(seeds), eps
         self._base = base
         self._plus: tuple[int, Tensor] | None = None  # (q, h⁺_q) while h⁻_q is pending
+        self._read: set[int] = set()  # pairs q with an element read
 
     def __len__(self) -> int:
         return 2 * len(self._seeds)
@@ -58,6 +59,7 @@ class LazyDeltas(Sequence[Tensor]):
         if not -len(self) <= i < len(self):
             raise IndexError(i)
         q, minus = divmod(i % len(self), 2)
+        self._read.add(q)
         hidden = self._hidden(q, -1 if minus else +1)  # (S, L, H), an inference tensor
         if self._base is None and not minus:
             self._plus = (q, hidden)
@@ -72,6 +74,38 @@ class LazyDeltas(Sequence[Tensor]):
 
     def __iter__(self) -> Iterator[Tensor]:
         return (self[i] for i in range(len(self)))
+
+    def look_up_unread_rows(self) -> None:
+        """With row-sparse noise, run one forward of each pair nobody read: the rows it looks up
+        (a function of the batch) are what the update draws z on. A transport that answers from
+        a record (a journal replay) reads none of the activations."""
+        if self._party.zo.rows_seen is None:
+            return
+        for q in range(len(self._seeds)):
+            if q not in self._read:
+                self._hidden(q, +1)
+
+
+class PairDifferences(Sequence[Tensor]):
+    """The cut-gradient estimator's Q differences h⁺_q − h⁻_q (S, L, H), each made when read:
+    the pair's two forward passes, h⁺_q held while h⁻_q runs, then only their difference kept.
+
+    Read one at a time and dropped after use, the client holds one perturbed activation and
+    one difference at most, whatever Q is.
+    """
+
+    def __init__(self, party: ClientParty, batch: Batch, seeds: Sequence[int], eps: float) -> None:
+        self._pairs = LazyDeltas(party, batch, seeds, eps)  # h⁺_q, then h⁻_q − h⁺_q
+
+    def __len__(self) -> int:
+        return len(self._pairs) // 2
+
+    def __getitem__(self, q: int) -> Tensor:  # type: ignore[override]
+        if not 0 <= q < len(self):
+            raise IndexError(q)
+        self._pairs[2 * q]  # h⁺_q: kept by `_pairs` until element 2q + 1 is read
+        with torch.inference_mode():
+            return self._pairs[2 * q + 1].neg_()  # h⁺_q − h⁻_q, in place
 
 
 class ClientParty(PartyState):
@@ -117,16 +151,13 @@ class ClientParty(PartyState):
         deltas = LazyDeltas(self, batch, seeds, eps, base)
         return deltas if self.lazy_pairs else list(deltas)
 
-    def pair_differences(self, batch: Batch, seeds: Sequence[int], eps: float) -> list[Tensor]:
-        """Q differences h⁺_q − h⁻_q (S, L, H), the cut-gradient estimator's: each pair's two
-        forwards, then only their difference is kept."""
-        pairs = LazyDeltas(self, batch, seeds, eps)  # h⁺_q, then h⁻_q − h⁺_q
-        out = []
-        for q in range(len(seeds)):
-            pairs[2 * q]  # h⁺_q: kept by `pairs` until element 2q + 1 is read
-            with torch.inference_mode():
-                out.append(pairs[2 * q + 1].neg_())  # h⁺_q − h⁻_q, in place
-        return out
+    def pair_differences(
+        self, batch: Batch, seeds: Sequence[int], eps: float, lazy: bool = False
+    ) -> Sequence[Tensor]:
+        """Q differences h⁺_q − h⁻_q (S, L, H), the cut-gradient estimator's (`PairDifferences`):
+        with `lazy` each pair's forwards run when it is read; otherwise all run now."""
+        pairs = PairDifferences(self, batch, seeds, eps)
+        return pairs if lazy else list(pairs)
 
     def apply_zo(
         self, seeds_and_coefs: Sequence[tuple[int, float]], lr: float, weight_decay: float = 0.0

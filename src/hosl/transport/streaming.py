@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, overload
 
 import torch
@@ -63,8 +64,12 @@ def request_frames(req: Any, wire_dtype: torch.dtype) -> tuple[bytes, Iterator[b
             dtype = hidden_wire_dtype(kind, name, None, wire_dtype)
             yield part_frame(index, getattr(req, name), dtype)
             index += 1
-        for i, tensor in enumerate(lazy if lazy is not None else ()):
-            yield part_frame(index, tensor, hidden_wire_dtype(kind, LAZY_FIELD, i, wire_dtype))
+        # By index, never bound to a name here: each activation is freed once its frame is made,
+        # before the next element (a lazy sequence's next forward pass) is asked for.
+        perturbed: Sequence[Tensor] = lazy if lazy is not None else ()
+        for i in range(len(perturbed)):
+            yield part_frame(index, perturbed[i],
+                             hidden_wire_dtype(kind, LAZY_FIELD, i, wire_dtype))
             index += 1
 
     return head, parts()
@@ -128,11 +133,14 @@ def open_request(
     compute_dtype: torch.dtype,
     hidden_size: int,
     limits: Limits | None = None,
+    decoding: Callable[[], AbstractContextManager] = nullcontext,
 ) -> tuple[Any, LazyParts | None]:
     """Decode a head and attach its parts: eager tensors received now, the perturbed list lazy.
 
-    Every part must be (S, L, hidden_size), S and L from the head's attention mask. Returns
-    (request, lazy parts or None). Raises CodecError on anything malformed.
+    Every part must be (S, L, hidden_size), S and L from the head's attention mask. Each part is
+    decoded inside `decoding()` (e.g. the receiving party's meter phase), after `next_frame`
+    returned it: the work that produces a frame is not the receiver's. Returns (request, lazy
+    parts or None). Raises CodecError on anything malformed.
     """
     kind, scalars, tensors = decode(head, limits)
     if kind not in REQUESTS:
@@ -149,7 +157,8 @@ def open_request(
     mask = req.batch.attention_mask
     if mask.dim() != 2:
         raise CodecError(f"attention mask must be (S, L), got {tuple(mask.shape)}")
-    receive_part = PartReader(next_frame, compute_dtype, (*mask.shape, hidden_size), limits)
+    receive_part = PartReader(next_frame, compute_dtype, (*mask.shape, hidden_size), limits,
+                              decoding)
     eager = _eager_fields(type(req))
     lazy_count = count - len(eager)
     has_lazy = hasattr(req, LAZY_FIELD)
@@ -172,15 +181,22 @@ class PartReader:
         compute_dtype: torch.dtype,
         hidden_shape: tuple[int, ...],
         limits: Limits | None = None,
+        decoding: Callable[[], AbstractContextManager] = nullcontext,
     ) -> None:
         self._next_frame = next_frame
         self._dtype = compute_dtype
         self._hidden_shape = hidden_shape
         self._limits = limits
+        self._decoding = decoding
         self.index = 0
 
     def __call__(self) -> Tensor:
-        kind, scalars, tensors = decode(self._next_frame(), self._limits)
+        frame = self._next_frame()
+        with self._decoding():
+            return self._decode(frame)
+
+    def _decode(self, frame: bytes) -> Tensor:
+        kind, scalars, tensors = decode(frame, self._limits)
         if kind != "part" or scalars.get("index") != self.index or set(tensors) != {"h"}:
             raise CodecError(f"expected part {self.index}, got a {kind!r} frame")
         hidden = tensors["h"]
