@@ -26,6 +26,7 @@ import math
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import grpc
@@ -324,14 +325,17 @@ class SplitServicer:
             return frame
 
         try:
-            # Received tensors are the server's bytes, metered as the in-process transport does.
-            with party.phase("receive"):
+            # Received tensors are the server's bytes, metered as the in-process transport does;
+            # the perturbed parts arrive lazily, later, and are decoded in the same phase.
+            receiving = partial(party.phase, "receive")
+            with receiving():
                 req, lazy = open_request(
                     head,
                     next_part,
                     state.compute_dtype,
                     state.hidden_size,
                     Limits(max_message_bytes=inbox.assembler.limit),
+                    decoding=receiving,
                 )
             _check_request(req, state.bounds, run["max_length"])
             if isinstance(req, EvalRequest):
