@@ -116,3 +116,24 @@ def sentiment_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pat
         path.write_text("".join(json.dumps(r) + "\n" for r in sentiment_rows(n, seed)))
         paths.append(path)
     return paths[0], paths[1]
+
+
+def state_leaves(tree: object, prefix: str = "") -> dict[str, object]:
+    """A nested checkpoint state (dicts and lists) as {"a/b/0/": leaf}."""
+    if isinstance(tree, dict):
+        return {k: v for key, value in tree.items()
+                for k, v in state_leaves(value, f"{prefix}{key}/").items()}
+    if isinstance(tree, (list, tuple)):
+        return state_leaves(dict(enumerate(tree)), prefix)
+    return {prefix: tree}
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    """Two nested states hold the same keys, tensors equal bit for bit, other leaves equal."""
+    flat_a, flat_b = state_leaves(a), state_leaves(b)
+    assert flat_a.keys() == flat_b.keys()
+    for key, value in flat_a.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, flat_b[key]), key
+        else:
+            assert value == flat_b[key], key

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from conftest import assert_same_state, state_leaves
 from hosl.checkpoint import parameter_count, read_checkpoint
 from hosl.cli import main
 
@@ -24,25 +25,6 @@ def _train(model_dir: Path, files: tuple[Path, Path], out: Path, *extra: str) ->
 
 def _latest(run: Path) -> Path:
     return run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
-
-
-def _leaves(tree: object, prefix: str = "") -> dict[str, object]:
-    if isinstance(tree, dict):
-        return {k: v for key, value in tree.items() for k, v in _leaves(value, f"{prefix}{key}/")
-                .items()}
-    if isinstance(tree, (list, tuple)):
-        return _leaves(dict(enumerate(tree)), prefix)
-    return {prefix: tree}
-
-
-def _assert_same(a: dict, b: dict) -> None:
-    flat_a, flat_b = _leaves(a), _leaves(b)
-    assert flat_a.keys() == flat_b.keys()
-    for key, value in flat_a.items():
-        if isinstance(value, torch.Tensor):
-            assert torch.equal(value, flat_b[key]), key
-        else:
-            assert value == flat_b[key], key
 
 
 def test_an_unsplit_tied_model_is_written_once_and_resumes_exactly(
@@ -72,8 +54,8 @@ def test_an_unsplit_tied_model_is_written_once_and_resumes_exactly(
 
     unique = sum(p.numel() * 4 for p in tiny_llama().parameters())  # float32, tied counted once
     assert unique < (step / "full.safetensors").stat().st_size < unique + 64 * 1024
-    assert "optimizer" in state["full"] and "optimizer" not in _leaves(state["full"]["part"])
-    _assert_same(state, read_checkpoint(_latest(resumed)))
+    assert "optimizer" in state["full"] and "optimizer" not in state_leaves(state["full"]["part"])
+    assert_same_state(state, read_checkpoint(_latest(resumed)))
 
 
 def test_a_run_of_the_earlier_single_file_layout_resumes_exactly(
@@ -92,12 +74,12 @@ def test_a_run_of_the_earlier_single_file_layout_resumes_exactly(
             path.unlink()
     torch.save(state, step / "state.pt")  # what hosl wrote before: everything in one file
     assert parameter_count(step, "client") == count
-    _assert_same(read_checkpoint(step), state)
+    assert_same_state(read_checkpoint(step), state)
 
     assert main(["train", "--resume", str(old), "--steps", "4", "--no-progress"]) == 0
     assert {p.name for p in _latest(old).iterdir()} == {
         "client.safetensors", "server.safetensors", "training_state.pt", "meta.json"}
-    _assert_same(read_checkpoint(_latest(straight)), read_checkpoint(_latest(old)))
+    assert_same_state(read_checkpoint(_latest(straight)), read_checkpoint(_latest(old)))
 
 
 @pytest.mark.parametrize("lost,message", [

@@ -14,7 +14,7 @@ import torch
 from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
 
-from conftest import sentiment_examples, tiny_llama
+from conftest import assert_same_state, sentiment_examples, state_leaves, tiny_llama
 from hosl.batching import collate
 from hosl.build import build_run
 from hosl.checkpoint import read_checkpoint
@@ -137,17 +137,6 @@ def _final_state(run: Path) -> dict:
     return read_checkpoint(run / "checkpoints" / latest)
 
 
-def _flat(tree: object, prefix: str = "") -> dict[str, object]:
-    if isinstance(tree, dict):
-        out: dict[str, object] = {}
-        for key, value in tree.items():
-            out.update(_flat(value, f"{prefix}{key}/"))
-        return out
-    if isinstance(tree, list):
-        return _flat(dict(enumerate(tree)), prefix)
-    return {prefix: tree}
-
-
 def test_checkpoints_hold_only_the_adapters_and_resume_exactly(
     tiny_model_dir, sentiment_files, tmp_path, capsys
 ) -> None:
@@ -175,16 +164,11 @@ def test_checkpoints_hold_only_the_adapters_and_resume_exactly(
         with safe_open(step / f"{side}.safetensors", framework="pt") as handle:
             assert set(handle.keys()) == set(a[side]["part"]), side
     rest = torch.load(step / "training_state.pt", weights_only=True)
-    moments = [t for t in _flat(rest).values() if isinstance(t, torch.Tensor) and t.dim() > 0]
+    moments = [t for t in state_leaves(rest).values()
+               if isinstance(t, torch.Tensor) and t.dim() > 0]
     adapters = sorted(t.shape for t in a["server"]["part"].values())
     assert sorted(t.shape for t in moments) == sorted(adapters + adapters)
-    flat_a, flat_b = _flat(a), _flat(b)
-    assert flat_a.keys() == flat_b.keys()
-    for key, value in flat_a.items():
-        if isinstance(value, torch.Tensor):
-            assert torch.equal(value, flat_b[key]), key
-        else:
-            assert value == flat_b[key], key
+    assert_same_state(a, b)
     # the adapters moved (on both sides) and nothing else did
     for side in ("client", "server"):
         assert any(t.abs().max() > 0 for n, t in a[side]["part"].items() if "lora_B" in n), side
