@@ -11,7 +11,13 @@ import torch
 from safetensors import safe_open
 
 from conftest import assert_same_state, state_leaves
-from hosl.checkpoint import parameter_count, read_checkpoint
+from hosl.checkpoint import (
+    latest_step,
+    load_latest,
+    parameter_count,
+    read_checkpoint,
+    save_checkpoint,
+)
 from hosl.cli import main
 
 
@@ -104,3 +110,35 @@ def test_parameter_count_reads_the_header(tiny_model_dir, sentiment_files, tmp_p
         expected = sum(t.numel() for t in state[party]["part"].values())
         assert parameter_count(_latest(run), party) == expected > 0
     assert parameter_count(_latest(run), "nobody") is None
+
+
+def _state(value: float) -> dict:
+    return {"server": {"part": {"w": torch.full((2, 3), value)}, "step": int(value)}}
+
+
+def test_a_save_of_the_same_step_interrupted_between_its_renames_keeps_the_old_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server saves step N at a session's end and again, with more of the log, later: `latest`
+    names step-N throughout. A crash while the new step-N replaces the old must leave a checkpoint
+    that resumes, the old one; an uninterrupted save leaves only the new one."""
+    save_checkpoint(tmp_path, 5, _state(1.0), {})
+    real_rename = Path.rename
+
+    def crash_on_the_second_rename(self: Path, target: Path) -> Path:
+        if self.name.endswith(".partial"):
+            raise OSError("killed")  # the old step-5 has already stepped aside
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", crash_on_the_second_rename)
+    with pytest.raises(OSError):
+        save_checkpoint(tmp_path, 5, _state(2.0), {})
+    monkeypatch.undo()
+    loaded = load_latest(tmp_path)
+    assert loaded is not None and latest_step(tmp_path) == 5
+    assert torch.equal(loaded[1]["server"]["part"]["w"], torch.full((2, 3), 1.0))
+    save_checkpoint(tmp_path, 5, _state(2.0), {})  # the retry replaces it and cleans up
+    loaded = load_latest(tmp_path)
+    assert loaded is not None
+    assert torch.equal(loaded[1]["server"]["part"]["w"], torch.full((2, 3), 2.0))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step-5"]

@@ -54,16 +54,35 @@ def save_checkpoint(
     partial.mkdir()
     write_checkpoint(partial, state)
     (partial / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=2))
-    shutil.rmtree(final, ignore_errors=True)
+    # Saving a step again (a server's last save of a session, then its next) replaces step-N.
+    # `latest` may name step-N all along, so the old one steps aside rather than being deleted:
+    # a crash between the two renames leaves it where the readers look (`_resolve`).
+    aside = _aside(final)
+    shutil.rmtree(aside, ignore_errors=True)
+    if final.exists():
+        final.rename(aside)
     partial.rename(final)
     (root / "latest.tmp").write_text(final.name)
     (root / "latest.tmp").replace(root / "latest")
     older = sorted(
         (p for p in root.glob("step-*") if p != final), key=lambda p: int(p.name.split("-")[1])
     )
-    for stale in older[: max(0, len(older) - (keep - 1))]:
+    for stale in [*older[: max(0, len(older) - (keep - 1))], *root.glob(".step-*.old")]:
         shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def _aside(final: Path) -> Path:
+    return final.with_name(f".{final.name}.old")
+
+
+def _resolve(pointer: Path) -> Path:
+    """The checkpoint directory `latest` names, or the copy it stepped aside to when a save of the
+    same step was interrupted between its renames."""
+    path = pointer.parent / pointer.read_text().strip()
+    if not is_checkpoint(path) and is_checkpoint(_aside(path)):
+        return _aside(path)
+    return path
 
 
 def write_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -111,7 +130,7 @@ def latest_step(run_dir: Path) -> int | None:
     pointer = run_dir / "checkpoints" / "latest"
     if not pointer.is_file():
         return None
-    meta = run_dir / "checkpoints" / pointer.read_text().strip() / "meta.json"
+    meta = _resolve(pointer) / "meta.json"
     if not meta.is_file():
         raise HoslError(f"checkpoint {meta.parent} named by {pointer} is missing; the run cannot "
                         "resume")
@@ -123,7 +142,7 @@ def load_latest(run_dir: Path) -> tuple[int, dict[str, Any], dict[str, Any]] | N
     pointer = run_dir / "checkpoints" / "latest"
     if not pointer.is_file():
         return None
-    path = run_dir / "checkpoints" / pointer.read_text().strip()
+    path = _resolve(pointer)
     if not is_checkpoint(path):
         raise HoslError(f"checkpoint {path} named by {pointer} is missing; the run cannot resume")
     state = read_checkpoint(path)
@@ -136,7 +155,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     pointer = run_dir / "checkpoints" / "latest"
     if not pointer.is_file():
         return None
-    path = run_dir / "checkpoints" / pointer.read_text().strip()
+    path = _resolve(pointer)
     return path if is_checkpoint(path) else None
 
 
