@@ -9,6 +9,7 @@ parts, and byte counts from |θ_c| alone.
 from __future__ import annotations
 
 import io
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from conftest import sentiment_examples, tiny_llama
 from hosl.batching import collate
 from hosl.build import build_run, fo_optimizer
 from hosl.config import (
+    ClientConfig,
     ClientsConfig,
     DataConfig,
     ModelConfig,
@@ -143,6 +145,25 @@ def test_splitfed_bytes_are_two_theta_c_per_client_per_round(tokenizer, schedule
     assert report["sync_bytes_per_client_round"] == 2 * theta
     assert report["fedavg_bytes_per_client_round"] == 2 * theta
     assert report["log_records"] == 0 and report["server_log_records"] == 0
+
+
+@pytest.mark.parametrize("mode", ["fo", "hosl"])
+def test_with_a_lora_client_fedavg_bytes_count_the_adapters_alone(tokenizer, mode) -> None:
+    """SplitFed of a LoRA client moves its adapters, not the frozen base: the FedAvg figure that
+    the records are compared with is 2 x the adapters' bytes, in fo (where it is what moves) and
+    in hosl (where it is the baseline)."""
+    cfg = replace(_cfg(mode, n=2), client=ClientConfig(adapter="lora", lora_rank=2))
+    run = _federated(cfg)
+    for step in range(2):
+        run.train_step(_batches(run, tokenizer, cfg, step), step)
+    report = run.report(2, [ex.label for ex in TRAIN], None)
+    adapters = [p for n, p in run.client.part.named_parameters() if "lora_" in n]
+    assert adapters
+    adapter_bytes = sum(p.numel() * 4 for p in adapters)  # float32
+    assert adapter_bytes < _theta_bytes(run.client.part) // 4
+    assert report["fedavg_bytes_per_client_round"] == 2 * adapter_bytes
+    if mode == "fo":
+        assert report["sync_bytes_per_client_round"] == 2 * adapter_bytes
 
 
 def test_sequential_splitfed_with_stateless_sgd_is_one_model_passed_along(tokenizer) -> None:

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from hosl.models.lora import trainable_bytes
 from hosl.parties.client import ClientParty
 
 
@@ -39,7 +40,7 @@ class FedAvgClients:
     def __init__(self, party: ClientParty, n_clients: int) -> None:
         self.party = party
         self.params = [p for p in party.part.parameters() if p.requires_grad]
-        self.theta_bytes = sum(p.numel() * p.element_size() for p in self.params)
+        self.theta_bytes = trainable_bytes(party.part)
         # each client's own optimizer state ({} until its first step); None: a stateless update
         stateful = party.optimizer is not None
         self.opt_states: list[Any] | None = (

@@ -39,6 +39,7 @@ from hosl.errors import ConfigError, Diverged, HoslError, check_finite_update
 from hosl.evaluation import evaluate
 from hosl.federated.records import ClientUpdate, replay
 from hosl.models.loading import load_pretrained
+from hosl.models.lora import trainable_bytes
 from hosl.models.split import num_layers
 from hosl.remote import RemoteOptions, make_transport
 from hosl.rundir import check_empty
@@ -109,7 +110,7 @@ def train_networked(
             elapsed = float(meta.get("wall_seconds", 0.0))
             transport.stats.load(meta.get("wire", {}))
             echo(f"resumed {resume_dir} holding {cursor} update records")
-        theta_bytes = sum(p.numel() * p.element_size() for p in party.part.parameters())
+        theta_bytes = trainable_bytes(party.part)
         transport.client = {"id": cid, "cursor": cursor, "examples": len(train_set),
                             "theta_bytes": theta_bytes}
         transport.connect()  # a refused token, id or handshake fails here, before any file

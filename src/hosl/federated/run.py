@@ -37,6 +37,7 @@ from hosl.federated.partition import label_skew, parse_partition, partition_indi
 from hosl.federated.records import ClientUpdate, UpdateLog, replay
 from hosl.federated.schedule import ClientSchedule
 from hosl.federated.sync import RecordSync
+from hosl.models.lora import trainable_bytes
 from hosl.parties.client import ClientParty
 from hosl.sampler import step_indices
 
@@ -166,7 +167,7 @@ class FederatedRun(Run):
         """The `clients` entry of summary.json: data, sync bytes beside FedAvg's, per-client
         accuracy (see `per_client_accuracy`)."""
         assert self.client is not None
-        theta_bytes = sum(p.numel() * p.element_size() for p in self.client.part.parameters())
+        theta_bytes = trainable_bytes(self.client.part)
         books = self.sync.books
         participations = sum(b.steps for b in books)
         sync_bytes = sum(b.down_bytes + b.up_bytes for b in books)

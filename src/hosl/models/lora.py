@@ -138,6 +138,11 @@ def trainable_count(part: nn.Module) -> int:
     return sum(p.numel() for p in part.parameters() if p.requires_grad)
 
 
+def trainable_bytes(part: nn.Module) -> int:
+    """Bytes of what `part` trains (its adapters alone when it has some): what FedAvg moves."""
+    return sum(p.numel() * p.element_size() for p in part.parameters() if p.requires_grad)
+
+
 def trained_state(part: nn.Module) -> dict[str, torch.Tensor]:
     """What a checkpoint keeps of a part: its adapters alone when it has some (the frozen base
     comes from the pretrained model), else its whole state."""
