@@ -5,11 +5,15 @@
 #
 #   bash experiments/run_all.sh                 # all studies
 #   bash experiments/run_all.sh main q          # some of them (names of the .yaml files)
+#   bash experiments/run_all.sh --collect client_share   # train nothing: commit what has finished
+#                                               # (a study that takes several sessions)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh >/dev/null
 HOSL=.venv/bin/hosl
 export OMP_NUM_THREADS=1
+collect_only=false
+if [ "${1:-}" = --collect ]; then collect_only=true; shift; fi
 studies=("$@")
 [ ${#studies[@]} -gt 0 ] || studies=(lr_fo lr_zo lr_hosl main split_layer q)
 
@@ -33,12 +37,16 @@ for study in "${studies[@]}"; do
       fi
     done
   fi
-  echo "== $study: two shards side by side (logs in runs/sweeps/$study.shard-*.log)"
-  mkdir -p runs/sweeps
-  $HOSL sweep "$sweep" --shard 1/2 --no-progress >"runs/sweeps/$study.shard-1.log" 2>&1 & one=$!
-  $HOSL sweep "$sweep" --shard 2/2 --no-progress >"runs/sweeps/$study.shard-2.log" 2>&1 & two=$!
-  wait $one && wait $two
-  $HOSL sweep "$sweep" --no-progress | tail -n 1   # everything finished: the complete table
+  if $collect_only; then
+    $HOSL sweep "$sweep" --table | tail -n 1   # the runs finished so far; nothing trains
+  else
+    echo "== $study: two shards side by side (logs in runs/sweeps/$study.shard-*.log)"
+    mkdir -p runs/sweeps
+    $HOSL sweep "$sweep" --shard 1/2 --no-progress >"runs/sweeps/$study.shard-1.log" 2>&1 & one=$!
+    $HOSL sweep "$sweep" --shard 2/2 --no-progress >"runs/sweeps/$study.shard-2.log" 2>&1 & two=$!
+    wait $one && wait $two
+    $HOSL sweep "$sweep" --no-progress | tail -n 1   # everything finished: the complete table
+  fi
 
   # What is committed: each run's config, metrics and summary (no checkpoints), the table, plots.
   out="experiments/results/$study"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import statistics
 from pathlib import Path
 
@@ -105,6 +106,26 @@ def test_rerun_skips_finished_runs(grid_sweep, monkeypatch) -> None:
     run_sweep(sweep, dry_run=False, output_root=results.parent, echo=lines.append)
     assert calls == []
     assert sum("skipped" in line for line in lines) == 4
+
+
+def test_table_only_trains_nothing_and_tables_the_finished_runs(grid_sweep, monkeypatch,
+                                                               tmp_path) -> None:
+    sweep, results, _ = grid_sweep
+    out = tmp_path / "out"
+    shutil.copytree(results.parent, out)
+    (out / "results.csv").unlink()
+    unfinished = sorted(p for p in out.iterdir() if (p / "summary.json").is_file())[0]
+    (unfinished / "summary.json").unlink()  # as if it were still training
+    before = sorted(p.name for p in unfinished.iterdir())
+    calls = _forbid_training(monkeypatch)
+    lines: list[str] = []
+    run_sweep(sweep, dry_run=False, output_root=out, echo=lines.append, table_only=True)
+    assert calls == []
+    rows = list(csv.DictReader((out / "results.csv").read_text().splitlines()))
+    assert sorted(r["run"] for r in rows) == sorted(
+        p.name for p in out.iterdir() if (p / "summary.json").is_file())
+    assert len(rows) == 3 and unfinished.name not in {r["run"] for r in rows}
+    assert sorted(p.name for p in unfinished.iterdir()) == before  # left as it was
 
 
 def test_changed_config_of_a_finished_run_is_an_error(grid_sweep, monkeypatch) -> None:

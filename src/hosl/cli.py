@@ -326,7 +326,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         Path(args.sweep_file), dry_run=args.dry_run,
         output_root=Path(args.output_root) if args.output_root else None,
         overrides=_parse_set(args.set or []), progress=not args.no_progress,
-        shard=parse_shard(args.shard),
+        shard=parse_shard(args.shard), table_only=args.table,
     )
     print(f"results: {results}")
     return 0
@@ -467,6 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep = sub.add_parser("sweep", help="run a grid or list of configurations, collect a table")
     sweep.add_argument("sweep_file", help="sweep YAML: base config plus grid: or runs:")
     sweep.add_argument("--dry-run", action="store_true", help="list the runs, run nothing")
+    sweep.add_argument("--table", action="store_true",
+                       help="train nothing; write results.csv/md of the runs finished so far")
     sweep.add_argument("--output-root", help="where run directories go (default: the file's)")
     sweep.add_argument("--set", action="append", metavar="KEY=VALUE",
                        help="dotted override for every run (not part of run names)")

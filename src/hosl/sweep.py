@@ -269,8 +269,12 @@ def run_sweep(
     overrides: dict[str, Any] | None = None,
     progress: bool = True,
     shard: tuple[int, int] = (1, 1),
+    table_only: bool = False,
 ) -> Path:
     """Plan, run what is not finished, and write results.csv / results.md; returns results.md.
+
+    `table_only` trains nothing and writes the table of the runs finished so far: a study that
+    takes several sessions can commit what it has (runs still training are left untouched).
 
     `shard=(i, n)` trains only runs i, i+n, i+2n, ... (1-based, in file order), so n processes
     can share one sweep without touching each other's runs; each writes the table of every run
@@ -284,6 +288,10 @@ def run_sweep(
     total = len(plan.runs)
     todo = sum(r.action != "skip" for r in plan.runs)
     echo(f"sweep {plan.name}: {total} runs, {todo} to train, output in {plan.output_root}")
+    if table_only:
+        _write_tables(plan)
+        echo(f"results of {total - todo} finished runs: {results_md}")
+        return results_md
     failed: list[str] = []
     index, shards = shard
     for i, run in enumerate(plan.runs, start=1):
