@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -339,3 +340,43 @@ def test_the_roster_hands_out_one_turn_at_a_time_and_binds_ids_to_tokens() -> No
         restarted.admit(ClientHello(1, 2, 5, 64))  # it holds more of the log than the server
     restarted.admit(ClientHello(1, 0, 5, 64))  # a rejoining client from the base model
     assert restarted.wait_turn(restarted.members[1], stop)["records"] == [record]
+
+
+def _in_thread(call: Callable[[], Any], wait_s: float = 5.0) -> Any:
+    """`call()`'s result or exception, from a thread; fails (not hangs) if it blocks."""
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["value"] = call()
+        except BaseException as err:  # handed back to the test
+            out["error"] = err
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(wait_s)
+    assert not thread.is_alive(), "the call blocked"
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
+def test_a_turn_holder_cannot_ask_again_nor_keep_its_turn_past_the_deadline() -> None:
+    """Asking for a turn while holding one would wait for itself (every client stalls); a
+    holder that stays busy past --turn-timeout must lose the turn however chatty it is."""
+    roster = Roster(max_clients=2, min_clients=1, total_steps=5, committed=lambda: 0,
+                    turn_timeout=0.4)
+    m0, m1 = ClientHello(0, 0, 5, 64), ClientHello(1, 0, 5, 64)
+    roster.admit(m0)
+    roster.admit(m1)
+    stop = threading.Event()
+    assert roster.wait_turn(m0, stop)["step"] == 0
+    with pytest.raises(_Refuse, match="while holding the turn of step 0"):
+        _in_thread(lambda: roster.wait_turn(m0, stop))
+    assert roster.holds_turn(m0)  # refused, not handed a second turn
+    assert not roster.overtime(m0) and not roster.overtime(m1)  # inside its deadline
+    time.sleep(0.5)
+    assert roster.overtime(m0) and not roster.overtime(m1)  # only the holder is over time
+    assert roster.leave(m0)  # its session ends on the refusal: the turn passes on
+    assert _in_thread(lambda: roster.wait_turn(m1, stop))["step"] == 0
+    assert not roster.overtime(m1)  # the deadline counts from its own grant

@@ -15,7 +15,8 @@ records, so every client ends holding the whole log: bit-identical θ_c everywhe
 
 What the server serialises: its own step (the party's lock) and the log and turns (`Roster`'s
 condition). A client waiting for its turn holds neither. A client that leaves (its stream ends)
-or that sends nothing within the turn deadline (`idle_timeout` of the session) is dropped: a
+or that sends nothing within the turn deadline (`idle_timeout` of the session), or whose turn
+has lasted longer than `turn_timeout` since it was handed out, is dropped: a
 partial server step is discarded, as for a one-client session, and the turn passes on. If it
 leaves after its step was committed on the server but before its record arrived, θ_s keeps that
 step and θ_c never sees it: every remaining client still holds the same θ_c, since only the log
@@ -31,6 +32,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -92,6 +94,7 @@ class Roster:
         committed: Callable[[], int],
         tokens: dict[int, str] | None = None,
         log: logging.Logger | None = None,
+        turn_timeout: float | None = None,
     ) -> None:
         self.max_clients, self.min_clients, self.total_steps = max_clients, min_clients, total_steps
         self.committed = committed  # the server's committed steps (the ledger's)
@@ -105,6 +108,10 @@ class Roster:
         self.theta_bytes = 0
         self.holder: ClientHello | None = None  # the session whose turn it is
         self.turn_step = -1  # the step the holder was handed
+        # a turn lasts at most this long from when it was handed out (None: no limit), so a
+        # holder cannot keep it by sending evaluations more often than the per-frame timeout
+        self.turn_timeout = turn_timeout
+        self.granted_at = 0.0  # time.monotonic() when the holder got its turn
         self.last = -1  # the previous holder: round-robin goes on after it
         self.started = False  # the first turn was handed out (min_clients had joined)
 
@@ -158,6 +165,12 @@ class Roster:
         with self.cond:
             return self.holder is member and step == self.turn_step and not isinstance(step, bool)
 
+    def overtime(self, member: ClientHello) -> bool:
+        """`member` holds the turn and its turn deadline has passed: its session must end."""
+        with self.cond:
+            return (self.holder is member and self.turn_timeout is not None
+                    and time.monotonic() - self.granted_at > self.turn_timeout)
+
     def leave(self, member: ClientHello) -> bool:
         """`member`'s session ended; True if it held the turn (its partial step must go)."""
         cid = member.id
@@ -188,6 +201,13 @@ class Roster:
         """Block until it is `member`'s turn (or training is over); the turn with its catch-up."""
         cid = member.id
         with self.cond:
+            if self.holder is member:
+                # only this session could commit its turn: waiting here would stall every client
+                raise _Refuse(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"client {cid} asked for a turn while holding the turn of step "
+                    f"{self.turn_step}; send that step and commit it first",
+                )
             while True:
                 if self.members.get(cid) is not member:  # its stream ended while it waited
                     raise _Disconnected()
@@ -202,6 +222,7 @@ class Roster:
                     if ready and self._next_client() == cid:
                         done = False
                         self.holder, self.turn_step = member, self.committed()
+                        self.granted_at = time.monotonic()
                         self.started = True
                         break
                 self.cond.wait(WAIT_TICK_S)
@@ -407,6 +428,12 @@ class MultiClientServicer(SplitServicer):
                 raise _Refuse(
                     grpc.StatusCode.INVALID_ARGUMENT, f"malformed message: {err}"
                 ) from None
+            if self.roster.overtime(member):  # its partial step is discarded as it leaves
+                raise _Refuse(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"client {cid} held its turn longer than --turn-timeout "
+                    f"({self.roster.turn_timeout:g} s); the turn passes on",
+                )
             if kind == "turn":
                 turn = self.roster.wait_turn(member, self.state.stopping)
                 sizes, data = pack_records(turn.pop("records"))
