@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -29,8 +30,10 @@ from hosl.checkpoint import load_latest
 from hosl.cli import main
 from hosl.federated.records import ClientUpdate, UpdateLog, replay
 from hosl.models.split import split_model
+from hosl.transport.codec import encode
 from hosl.transport.grpc_server import _Refuse
-from hosl.transport.sessions import ClientHello, Roster
+from hosl.transport.inbox import InboxClosed
+from hosl.transport.sessions import ClientHello, MultiClientServicer, Roster
 from hosl.zo import ZoTarget
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -380,3 +383,62 @@ def test_a_turn_holder_cannot_ask_again_nor_keep_its_turn_past_the_deadline() ->
     assert roster.leave(m0)  # its session ends on the refusal: the turn passes on
     assert _in_thread(lambda: roster.wait_turn(m1, stop))["step"] == 0
     assert not roster.overtime(m1)  # the deadline counts from its own grant
+
+
+class _StubServer:
+    """The server state a many-client session touches, counting discarded partial steps."""
+
+    def __init__(self) -> None:
+        self.stopping, self.lock = threading.Event(), threading.Lock()
+        self.idle_timeout, self.discards, self.session_ends = 5.0, 0, 0
+        self.compute_dtype, self.hidden_size, self.bounds = torch.float32, 8, None
+        self.log = SimpleNamespace(info=lambda *a: None, warning=lambda *a: None)
+        self.ledger = SimpleNamespace(committed=0, open_step=None, abort=self._discarded)
+        self.party = SimpleNamespace(phase=lambda name: contextmanager(lambda: (yield))(),
+                                     discard_partial_step=lambda: None)
+
+    def _discarded(self) -> None:
+        self.discards += 1
+
+    def on_session_end(self) -> None:
+        self.session_ends += 1
+
+
+def _serve(servicer: MultiClientServicer, member: ClientHello, *heads: bytes) -> None:
+    """Run `member`'s session loop over `heads` (after the welcome) until it ends."""
+    queue = list(heads)
+
+    def next_frame(timeout: float) -> bytes:
+        if not queue:
+            raise InboxClosed()
+        return queue.pop(0)
+
+    inbox = SimpleNamespace(next=next_frame, assembler=SimpleNamespace(limit=1 << 20))
+    for _ in servicer._serve_member(inbox, torch.float32, {"max_length": 8}, member):
+        pass
+
+
+def test_a_session_without_the_turn_cannot_discard_the_holders_partial_step() -> None:
+    """Only steps in turn and evaluations reach the model; a refused request from a session that
+    does not hold the turn leaves the holder's open step alone; the holder past its turn deadline
+    is refused at its next message."""
+    stub = _StubServer()
+    roster = Roster(max_clients=2, min_clients=2, total_steps=5, committed=lambda: 0)
+    servicer = MultiClientServicer(stub, roster)
+    m0, m1 = ClientHello(0, 0, 5, 64), ClientHello(1, 0, 5, 64)
+    roster.admit(m0)
+    roster.admit(m1)
+    assert roster.wait_turn(m0, stub.stopping)["step"] == 0
+    malformed_eval = encode("EvalRequest", {}, {})  # lacks its fields: refused on decoding
+    with pytest.raises(_Refuse, match="unexpected message 'bogus'"):
+        _serve(servicer, m1, encode("bogus", {}, {}))
+    with pytest.raises(_Refuse, match="malformed"):
+        _serve(servicer, m1, malformed_eval)
+    assert stub.discards == 0  # the holder's step survives both
+    with pytest.raises(_Refuse, match="malformed"):
+        _serve(servicer, m0, malformed_eval)
+    assert stub.discards == 1  # the holder's own refused request does discard its step
+    roster.turn_timeout = 0.0  # its turn deadline has passed: the next message ends it
+    with pytest.raises(_Refuse, match="longer than --turn-timeout"):
+        _serve(servicer, m0, encode("turn", {}, {}))
+

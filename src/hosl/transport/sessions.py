@@ -456,8 +456,15 @@ class MultiClientServicer(SplitServicer):
             elif kind == "journal":
                 raise _Refuse(grpc.StatusCode.FAILED_PRECONDITION,
                               "a many-client server keeps an update log, not a journal to replay")
+            elif kind == "EvalRequest" or kind.endswith("StepRequest"):  # a step: in its turn
+                # a refused request from a session without the turn must leave the holder's
+                # partly received step alone
+                owns_step = self.roster.holds_turn(member)
+                yield from to_messages(self._answer(head, inbox, wire, run, owns_step=owns_step))
             else:
-                yield from to_messages(self._answer(head, inbox, wire, run))
+                raise _Refuse(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"client {cid} sent an unexpected message {kind!r:.40}; a "
+                              "many-client session takes turn, commit, steps and evaluations")
         raise _Refuse(
             grpc.StatusCode.UNAVAILABLE, "the server is shutting down; reconnect when it is back"
         )
