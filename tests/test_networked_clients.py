@@ -442,3 +442,24 @@ def test_a_session_without_the_turn_cannot_discard_the_holders_partial_step() ->
     with pytest.raises(_Refuse, match="longer than --turn-timeout"):
         _serve(servicer, m0, encode("turn", {}, {}))
 
+
+def test_the_end_of_call_callback_never_waits_for_the_step_lock() -> None:
+    """gRPC runs it on the thread that delivers every stream's frames: waiting there for a step
+    in progress (which waits for its frames) would stall the holder until it timed out."""
+    stub = _StubServer()
+    roster = Roster(max_clients=2, min_clients=2, total_steps=5, committed=lambda: 0)
+    servicer = MultiClientServicer(stub, roster)
+    m0, m1 = ClientHello(0, 0, 5, 64), ClientHello(1, 0, 5, 64)
+    roster.admit(m0)
+    roster.admit(m1)
+    assert roster.wait_turn(m0, stub.stopping)["step"] == 0
+    stub.ledger.open_step = 0
+    with stub.lock:  # the holder is inside its step
+        _in_thread(lambda: servicer._call_ended(m1), wait_s=2)  # a waiter's call ended
+        _in_thread(lambda: servicer._call_ended(m0), wait_s=2)  # and then the holder's
+    deadline = time.monotonic() + 10
+    while stub.session_ends < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    # both left in the end (checkpoints written), the holder's partial step discarded once
+    assert stub.session_ends == 2 and stub.discards == 1
+    assert roster.members == {} and roster.holder is None

@@ -375,7 +375,7 @@ class MultiClientServicer(SplitServicer):
             member = client
             # A client that vanishes while its session waits for a turn is noticed here: gRPC
             # stops reading a cancelled call's replies, so the wait itself may never return.
-            context.add_callback(lambda: self._leave(client))
+            context.add_callback(lambda: self._call_ended(client))
             inbox.assembler.limit = self.state.session_frame_limit(hello["run"])
             log.info("client %d (%s) joined at step %d holding %d log records", client.id, peer,
                      self.state.ledger.committed, client.cursor)
@@ -391,6 +391,13 @@ class MultiClientServicer(SplitServicer):
             inbox.close()
             if member is not None:
                 self._leave(member)
+
+    def _call_ended(self, member: ClientHello) -> None:
+        """gRPC's termination callback, on its one polling thread: `_leave` waits for the step
+        lock and writes a checkpoint, and a turn holder inside its step holds that lock while it
+        waits for frames only this thread delivers, so the leaving happens on a thread of its own
+        (not a daemon: the checkpoint it writes must not be cut off at exit)."""
+        threading.Thread(target=self._leave, args=(member,), name=f"hosl-leave-{member.id}").start()
 
     def _leave(self, member: ClientHello) -> None:
         """End `member`'s session (once, from the session or gRPC's termination callback)."""
