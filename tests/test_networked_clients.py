@@ -19,6 +19,8 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -28,8 +30,10 @@ from hosl.checkpoint import load_latest
 from hosl.cli import main
 from hosl.federated.records import ClientUpdate, UpdateLog, replay
 from hosl.models.split import split_model
+from hosl.transport.codec import encode
 from hosl.transport.grpc_server import _Refuse
-from hosl.transport.sessions import ClientHello, Roster
+from hosl.transport.inbox import InboxClosed
+from hosl.transport.sessions import ClientHello, MultiClientServicer, Roster
 from hosl.zo import ZoTarget
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -339,3 +343,123 @@ def test_the_roster_hands_out_one_turn_at_a_time_and_binds_ids_to_tokens() -> No
         restarted.admit(ClientHello(1, 2, 5, 64))  # it holds more of the log than the server
     restarted.admit(ClientHello(1, 0, 5, 64))  # a rejoining client from the base model
     assert restarted.wait_turn(restarted.members[1], stop)["records"] == [record]
+
+
+def _in_thread(call: Callable[[], Any], wait_s: float = 5.0) -> Any:
+    """`call()`'s result or exception, from a thread; fails (not hangs) if it blocks."""
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["value"] = call()
+        except BaseException as err:  # handed back to the test
+            out["error"] = err
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(wait_s)
+    assert not thread.is_alive(), "the call blocked"
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
+def test_a_turn_holder_cannot_ask_again_nor_keep_its_turn_past_the_deadline() -> None:
+    """Asking for a turn while holding one would wait for itself (every client stalls); a
+    holder that stays busy past --turn-timeout must lose the turn however chatty it is."""
+    roster = Roster(max_clients=2, min_clients=1, total_steps=5, committed=lambda: 0,
+                    turn_timeout=0.4)
+    m0, m1 = ClientHello(0, 0, 5, 64), ClientHello(1, 0, 5, 64)
+    roster.admit(m0)
+    roster.admit(m1)
+    stop = threading.Event()
+    assert roster.wait_turn(m0, stop)["step"] == 0
+    with pytest.raises(_Refuse, match="while holding the turn of step 0"):
+        _in_thread(lambda: roster.wait_turn(m0, stop))
+    assert roster.holds_turn(m0)  # refused, not handed a second turn
+    assert not roster.overtime(m0) and not roster.overtime(m1)  # inside its deadline
+    time.sleep(0.5)
+    assert roster.overtime(m0) and not roster.overtime(m1)  # only the holder is over time
+    assert roster.leave(m0)  # its session ends on the refusal: the turn passes on
+    assert _in_thread(lambda: roster.wait_turn(m1, stop))["step"] == 0
+    assert not roster.overtime(m1)  # the deadline counts from its own grant
+
+
+class _StubServer:
+    """The server state a many-client session touches, counting discarded partial steps."""
+
+    def __init__(self) -> None:
+        self.stopping, self.lock = threading.Event(), threading.Lock()
+        self.idle_timeout, self.discards, self.session_ends = 5.0, 0, 0
+        self.compute_dtype, self.hidden_size, self.bounds = torch.float32, 8, None
+        self.log = SimpleNamespace(info=lambda *a: None, warning=lambda *a: None)
+        self.ledger = SimpleNamespace(committed=0, open_step=None, abort=self._discarded)
+        self.party = SimpleNamespace(phase=lambda name: contextmanager(lambda: (yield))(),
+                                     discard_partial_step=lambda: None)
+
+    def _discarded(self) -> None:
+        self.discards += 1
+
+    def on_session_end(self) -> None:
+        self.session_ends += 1
+
+
+def _serve(servicer: MultiClientServicer, member: ClientHello, *heads: bytes) -> None:
+    """Run `member`'s session loop over `heads` (after the welcome) until it ends."""
+    queue = list(heads)
+
+    def next_frame(timeout: float) -> bytes:
+        if not queue:
+            raise InboxClosed()
+        return queue.pop(0)
+
+    inbox = SimpleNamespace(next=next_frame, assembler=SimpleNamespace(limit=1 << 20))
+    for _ in servicer._serve_member(inbox, torch.float32, {"max_length": 8}, member):
+        pass
+
+
+def test_a_session_without_the_turn_cannot_discard_the_holders_partial_step() -> None:
+    """Only steps in turn and evaluations reach the model; a refused request from a session that
+    does not hold the turn leaves the holder's open step alone; the holder past its turn deadline
+    is refused at its next message."""
+    stub = _StubServer()
+    roster = Roster(max_clients=2, min_clients=2, total_steps=5, committed=lambda: 0)
+    servicer = MultiClientServicer(stub, roster)
+    m0, m1 = ClientHello(0, 0, 5, 64), ClientHello(1, 0, 5, 64)
+    roster.admit(m0)
+    roster.admit(m1)
+    assert roster.wait_turn(m0, stub.stopping)["step"] == 0
+    malformed_eval = encode("EvalRequest", {}, {})  # lacks its fields: refused on decoding
+    with pytest.raises(_Refuse, match="unexpected message 'bogus'"):
+        _serve(servicer, m1, encode("bogus", {}, {}))
+    with pytest.raises(_Refuse, match="malformed"):
+        _serve(servicer, m1, malformed_eval)
+    assert stub.discards == 0  # the holder's step survives both
+    with pytest.raises(_Refuse, match="malformed"):
+        _serve(servicer, m0, malformed_eval)
+    assert stub.discards == 1  # the holder's own refused request does discard its step
+    roster.turn_timeout = 0.0  # its turn deadline has passed: the next message ends it
+    with pytest.raises(_Refuse, match="longer than --turn-timeout"):
+        _serve(servicer, m0, encode("turn", {}, {}))
+
+
+def test_the_end_of_call_callback_never_waits_for_the_step_lock() -> None:
+    """gRPC runs it on the thread that delivers every stream's frames: waiting there for a step
+    in progress (which waits for its frames) would stall the holder until it timed out."""
+    stub = _StubServer()
+    roster = Roster(max_clients=2, min_clients=2, total_steps=5, committed=lambda: 0)
+    servicer = MultiClientServicer(stub, roster)
+    m0, m1 = ClientHello(0, 0, 5, 64), ClientHello(1, 0, 5, 64)
+    roster.admit(m0)
+    roster.admit(m1)
+    assert roster.wait_turn(m0, stub.stopping)["step"] == 0
+    stub.ledger.open_step = 0
+    with stub.lock:  # the holder is inside its step
+        _in_thread(lambda: servicer._call_ended(m1), wait_s=2)  # a waiter's call ended
+        _in_thread(lambda: servicer._call_ended(m0), wait_s=2)  # and then the holder's
+    deadline = time.monotonic() + 10
+    while stub.session_ends < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    # both left in the end (checkpoints written), the holder's partial step discarded once
+    assert stub.session_ends == 2 and stub.discards == 1
+    assert roster.members == {} and roster.holder is None

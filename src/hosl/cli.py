@@ -384,7 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="clients that must have joined before the first step")
     serve.add_argument(
         "--turn-timeout", type=float, default=300.0,
-        help="seconds a client may send nothing during its turn before it is dropped",
+        help="seconds a client may send nothing during its turn, and at most hold its turn, "
+        "before it is dropped",
     )
     serve.add_argument("--client-tokens", metavar="FILE",
                        help="per-client tokens, one `ID TOKEN` line each: a client must present "

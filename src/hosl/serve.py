@@ -70,7 +70,7 @@ class ServeOptions:
     idle_timeout: float = 900.0  # a session silent this long ends and frees the server
     # Many clients (hosl.transport.sessions): at most this many sessions at once, each with a
     # --client-id; the first turn waits for min_clients; a client silent for turn_timeout
-    # seconds while it should be stepping is dropped.
+    # seconds while it should be stepping, or holding its turn longer than that, is dropped.
     max_clients: int = 1
     min_clients: int = 1
     turn_timeout: float = 300.0
@@ -243,6 +243,7 @@ def serve(
     roster = Roster(
         max_clients=opts.max_clients, min_clients=opts.min_clients, total_steps=cfg.steps,
         committed=lambda: state.ledger.committed, tokens=opts.client_tokens, log=log,
+        turn_timeout=opts.turn_timeout,
     ) if opts.many_clients else None
     if resume_dir is not None and (loaded := load_latest(run_dir)) is not None:
         committed, state, meta = loaded

@@ -289,14 +289,17 @@ class SplitServicer:
             grpc.StatusCode.UNAVAILABLE, "the server is shutting down; reconnect when it is back"
         )
 
-    def _answer(self, head: bytes, inbox: Inbox, wire: torch.dtype, run: dict[str, Any]) -> bytes:
+    def _answer(self, head: bytes, inbox: Inbox, wire: torch.dtype, run: dict[str, Any],
+                *, owns_step: bool = True) -> bytes:
+        """The reply to one request; `owns_step`: a refused request may discard the open step
+        (False for a many-client session without the turn: the open step is another's)."""
         state = self.state
         try:
             kind, scalars, _ = decode(head, Limits(max_message_bytes=inbox.assembler.limit))
             if kind == "journal":
                 return self._journal(scalars)
             with state.lock:
-                return self._step(head, inbox, wire, run)
+                return self._step(head, inbox, wire, run, owns_step)
         except CodecError as err:
             raise _Refuse(grpc.StatusCode.INVALID_ARGUMENT, f"malformed message: {err}") from None
         except StepRefused as err:
@@ -314,7 +317,8 @@ class SplitServicer:
             raise StepRefused(f"the journal has no entry for step {err}") from None
         return encode("journal", {"entries": entries}, {})
 
-    def _step(self, head: bytes, inbox: Inbox, wire: torch.dtype, run: dict[str, Any]) -> bytes:
+    def _step(self, head: bytes, inbox: Inbox, wire: torch.dtype, run: dict[str, Any],
+              owns_step: bool = True) -> bytes:
         state, ledger, party = self.state, self.state.ledger, self.state.party
         up = len(head)
 
@@ -352,11 +356,13 @@ class SplitServicer:
             if lazy is not None and not lazy.complete:
                 raise CodecError("the step carried more parts than it used")
         except (_Refuse, _Disconnected, CodecError, StepRefused):
-            self._discard()
+            if owns_step:
+                self._discard()
             raise
         except (RuntimeError, ValueError, IndexError, TypeError) as err:
             # A request that decodes but does not fit the model (indices out of range, ...)
-            self._discard()
+            if owns_step:
+                self._discard()
             raise _Refuse(
                 grpc.StatusCode.INVALID_ARGUMENT, f"request does not fit the model: {err}"
             ) from None

@@ -15,7 +15,8 @@ records, so every client ends holding the whole log: bit-identical θ_c everywhe
 
 What the server serialises: its own step (the party's lock) and the log and turns (`Roster`'s
 condition). A client waiting for its turn holds neither. A client that leaves (its stream ends)
-or that sends nothing within the turn deadline (`idle_timeout` of the session) is dropped: a
+or that sends nothing within the turn deadline (`idle_timeout` of the session), or whose turn
+has lasted longer than `turn_timeout` since it was handed out, is dropped: a
 partial server step is discarded, as for a one-client session, and the turn passes on. If it
 leaves after its step was committed on the server but before its record arrived, θ_s keeps that
 step and θ_c never sees it: every remaining client still holds the same θ_c, since only the log
@@ -31,6 +32,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -92,6 +94,7 @@ class Roster:
         committed: Callable[[], int],
         tokens: dict[int, str] | None = None,
         log: logging.Logger | None = None,
+        turn_timeout: float | None = None,
     ) -> None:
         self.max_clients, self.min_clients, self.total_steps = max_clients, min_clients, total_steps
         self.committed = committed  # the server's committed steps (the ledger's)
@@ -105,6 +108,10 @@ class Roster:
         self.theta_bytes = 0
         self.holder: ClientHello | None = None  # the session whose turn it is
         self.turn_step = -1  # the step the holder was handed
+        # a turn lasts at most this long from when it was handed out (None: no limit), so a
+        # holder cannot keep it by sending evaluations more often than the per-frame timeout
+        self.turn_timeout = turn_timeout
+        self.granted_at = 0.0  # time.monotonic() when the holder got its turn
         self.last = -1  # the previous holder: round-robin goes on after it
         self.started = False  # the first turn was handed out (min_clients had joined)
 
@@ -158,6 +165,12 @@ class Roster:
         with self.cond:
             return self.holder is member and step == self.turn_step and not isinstance(step, bool)
 
+    def overtime(self, member: ClientHello) -> bool:
+        """`member` holds the turn and its turn deadline has passed: its session must end."""
+        with self.cond:
+            return (self.holder is member and self.turn_timeout is not None
+                    and time.monotonic() - self.granted_at > self.turn_timeout)
+
     def leave(self, member: ClientHello) -> bool:
         """`member`'s session ended; True if it held the turn (its partial step must go)."""
         cid = member.id
@@ -188,6 +201,13 @@ class Roster:
         """Block until it is `member`'s turn (or training is over); the turn with its catch-up."""
         cid = member.id
         with self.cond:
+            if self.holder is member:
+                # only this session could commit its turn: waiting here would stall every client
+                raise _Refuse(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"client {cid} asked for a turn while holding the turn of step "
+                    f"{self.turn_step}; send that step and commit it first",
+                )
             while True:
                 if self.members.get(cid) is not member:  # its stream ended while it waited
                     raise _Disconnected()
@@ -202,6 +222,7 @@ class Roster:
                     if ready and self._next_client() == cid:
                         done = False
                         self.holder, self.turn_step = member, self.committed()
+                        self.granted_at = time.monotonic()
                         self.started = True
                         break
                 self.cond.wait(WAIT_TICK_S)
@@ -354,7 +375,7 @@ class MultiClientServicer(SplitServicer):
             member = client
             # A client that vanishes while its session waits for a turn is noticed here: gRPC
             # stops reading a cancelled call's replies, so the wait itself may never return.
-            context.add_callback(lambda: self._leave(client))
+            context.add_callback(lambda: self._call_ended(client))
             inbox.assembler.limit = self.state.session_frame_limit(hello["run"])
             log.info("client %d (%s) joined at step %d holding %d log records", client.id, peer,
                      self.state.ledger.committed, client.cursor)
@@ -370,6 +391,13 @@ class MultiClientServicer(SplitServicer):
             inbox.close()
             if member is not None:
                 self._leave(member)
+
+    def _call_ended(self, member: ClientHello) -> None:
+        """gRPC's termination callback, on its one polling thread: `_leave` waits for the step
+        lock and writes a checkpoint, and a turn holder inside its step holds that lock while it
+        waits for frames only this thread delivers, so the leaving happens on a thread of its own
+        (not a daemon: the checkpoint it writes must not be cut off at exit)."""
+        threading.Thread(target=self._leave, args=(member,), name=f"hosl-leave-{member.id}").start()
 
     def _leave(self, member: ClientHello) -> None:
         """End `member`'s session (once, from the session or gRPC's termination callback)."""
@@ -407,6 +435,12 @@ class MultiClientServicer(SplitServicer):
                 raise _Refuse(
                     grpc.StatusCode.INVALID_ARGUMENT, f"malformed message: {err}"
                 ) from None
+            if self.roster.overtime(member):  # its partial step is discarded as it leaves
+                raise _Refuse(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"client {cid} held its turn longer than --turn-timeout "
+                    f"({self.roster.turn_timeout:g} s); the turn passes on",
+                )
             if kind == "turn":
                 turn = self.roster.wait_turn(member, self.state.stopping)
                 sizes, data = pack_records(turn.pop("records"))
@@ -429,8 +463,15 @@ class MultiClientServicer(SplitServicer):
             elif kind == "journal":
                 raise _Refuse(grpc.StatusCode.FAILED_PRECONDITION,
                               "a many-client server keeps an update log, not a journal to replay")
+            elif kind == "EvalRequest" or kind.endswith("StepRequest"):  # a step: in its turn
+                # a refused request from a session without the turn must leave the holder's
+                # partly received step alone
+                owns_step = self.roster.holds_turn(member)
+                yield from to_messages(self._answer(head, inbox, wire, run, owns_step=owns_step))
             else:
-                yield from to_messages(self._answer(head, inbox, wire, run))
+                raise _Refuse(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"client {cid} sent an unexpected message {kind!r:.40}; a "
+                              "many-client session takes turn, commit, steps and evaluations")
         raise _Refuse(
             grpc.StatusCode.UNAVAILABLE, "the server is shutting down; reconnect when it is back"
         )
