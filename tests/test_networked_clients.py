@@ -418,10 +418,8 @@ def _serve(servicer: MultiClientServicer, member: ClientHello, *heads: bytes) ->
         pass
 
 
-def test_a_session_without_the_turn_cannot_discard_the_holders_partial_step() -> None:
-    """Only steps in turn and evaluations reach the model; a refused request from a session that
-    does not hold the turn leaves the holder's open step alone; the holder past its turn deadline
-    is refused at its next message."""
+def _two_sessions_first_holds_the_turn() -> tuple:
+    """A servicer over a stand-in server with clients 0 and 1 admitted; client 0 holds step 0."""
     stub = _StubServer()
     roster = Roster(max_clients=2, min_clients=2, total_steps=5, committed=lambda: 0)
     servicer = MultiClientServicer(stub, roster)
@@ -429,6 +427,14 @@ def test_a_session_without_the_turn_cannot_discard_the_holders_partial_step() ->
     roster.admit(m0)
     roster.admit(m1)
     assert roster.wait_turn(m0, stub.stopping)["step"] == 0
+    return stub, roster, servicer, m0, m1
+
+
+def test_a_session_without_the_turn_cannot_discard_the_holders_partial_step() -> None:
+    """Only steps in turn and evaluations reach the model; a refused request from a session that
+    does not hold the turn leaves the holder's open step alone; the holder past its turn deadline
+    is refused at its next message."""
+    stub, roster, servicer, m0, m1 = _two_sessions_first_holds_the_turn()
     malformed_eval = encode("EvalRequest", {}, {})  # lacks its fields: refused on decoding
     with pytest.raises(_Refuse, match="unexpected message 'bogus'"):
         _serve(servicer, m1, encode("bogus", {}, {}))
@@ -446,13 +452,7 @@ def test_a_session_without_the_turn_cannot_discard_the_holders_partial_step() ->
 def test_the_end_of_call_callback_never_waits_for_the_step_lock() -> None:
     """gRPC runs it on the thread that delivers every stream's frames: waiting there for a step
     in progress (which waits for its frames) would stall the holder until it timed out."""
-    stub = _StubServer()
-    roster = Roster(max_clients=2, min_clients=2, total_steps=5, committed=lambda: 0)
-    servicer = MultiClientServicer(stub, roster)
-    m0, m1 = ClientHello(0, 0, 5, 64), ClientHello(1, 0, 5, 64)
-    roster.admit(m0)
-    roster.admit(m1)
-    assert roster.wait_turn(m0, stub.stopping)["step"] == 0
+    stub, roster, servicer, m0, m1 = _two_sessions_first_holds_the_turn()
     stub.ledger.open_step = 0
     with stub.lock:  # the holder is inside its step
         _in_thread(lambda: servicer._call_ended(m1), wait_s=2)  # a waiter's call ended
