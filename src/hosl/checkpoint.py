@@ -27,13 +27,14 @@ wrote one resumes, evaluates and exports as before, and its next checkpoint has 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from hosl.errors import HoslError
 
@@ -169,7 +170,7 @@ def parameter_count(path: Path, party: str) -> int | None:
             for name in handle.keys():  # noqa: SIM118 - safe_open is no mapping
                 piece = handle.get_slice(name)
                 if piece.get_dtype().startswith(("F", "BF")):
-                    total += _numel(piece.get_shape())
+                    total += math.prod(piece.get_shape())
             return total
     if (path / LEGACY_STATE).is_file() and not (path / TRAINING_STATE).is_file():
         # memory-mapped: counting reads the index, not the weights
@@ -185,13 +186,6 @@ def parameter_count(path: Path, party: str) -> int | None:
         }
         return sum(seen.values())
     return None
-
-
-def _numel(shape: list[int]) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
 
 
 def _stored_once(
@@ -221,8 +215,8 @@ def _stored_once(
 
 
 def _read_parameters(file: Path) -> dict[str, torch.Tensor]:
-    tensors = load_file(file, device="cpu")
-    with safe_open(file, framework="pt") as handle:
+    with safe_open(file, framework="pt", device="cpu") as handle:  # one read: tensors and names
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
         aliases = json.loads((handle.metadata() or {}).get("aliases", "{}"))
     for alias, name in aliases.items():
         tensors[alias] = tensors[name]
