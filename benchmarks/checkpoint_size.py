@@ -1,10 +1,13 @@
-"""Checkpoint size on disk: a party that trains LoRA adapters against one that trains its part.
+"""Checkpoint size on disk: a party that trains LoRA adapters, or nothing, against one that
+trains its part.
 
     python benchmarks/checkpoint_size.py --out benchmarks/results [--models tiny,smollm2-135m]
 
 For each model (a tiny Llama, 3 blocks of width 32 as in the tests, and the demo model
 SmolLM2-135M, float32) and each configuration (hosl split at k, with and without
-`client.adapter lora` + `server.adapter lora`; fo-full with and without `client.adapter lora`),
+`client.adapter lora` + `server.adapter lora`; fo-full with and without `client.adapter lora`;
+hosl and frozen (a client that trains nothing, so stores nothing) at k and at a deep split, most
+of the model on the client, as the frozen baseline runs in experiments/client_share),
 the run is built with `build_run`, every optimizer's state is created (an AdamW step at learning
 rate 0 on zero gradients, so the moments exist as after any real step), and `save_checkpoint`
 writes a checkpoint; the table gives the bytes of each file. Sizes depend on shapes alone, so no
@@ -40,8 +43,11 @@ CONFIGS = {
                                "server.adapter": "lora"},
     "fo-full": {"mode": "fo-full"},
     "fo-full + LoRA": {"mode": "fo-full", "client.adapter": "lora"},
+    "frozen": {"mode": "frozen"},
 }
 SPLIT = {"tiny": 1, "smollm2-135m": 4}
+DEEP_SPLIT = {"tiny": 2, "smollm2-135m": 24}
+DEEP = {"hosl, deep split": {"mode": "hosl"}, "frozen, deep split": {"mode": "frozen"}}
 
 
 def tiny_llama() -> torch.nn.Module:
@@ -69,25 +75,35 @@ def measure(model: torch.nn.Module, name: str, sets: dict[str, Any]) -> dict[str
                     for p in party.part.parameters() if p.requires_grad)
     del run, state
     gc.collect()
-    return {"files": files, "total": sum(files.values()), "legacy_state_pt": legacy,
+    return {"k": None if cfg.mode.endswith("-full") else cfg.model.split_layer, "files": files,
+            "total": sum(files.values()), "legacy_state_pt": legacy,
             "trainable_params": trainable}
 
 
 def markdown(result: dict[str, Any]) -> str:
     lines = ["# Checkpoint size", "", f"Command: `{result['command']}`  ",
              f"Date: {result['date']}", "",
-             "| model | configuration | trainable params | files (bytes) | total "
+             "| model | configuration | k | trainable params | files (bytes) | total "
              "| legacy state.pt |",
-             "|---|---|---:|---|---:|---:|"]
+             "|---|---|---:|---:|---|---:|---:|"]
     for model, rows in result["models"].items():
         for label, row in rows.items():
             files = ", ".join(f"{n} {b:,}" for n, b in row["files"].items() if n != "meta.json")
-            lines.append(f"| {model} | {label} | {row['trainable_params']:,} | {files} | "
+            k = "-" if row["k"] is None else row["k"]
+            lines.append(f"| {model} | {label} | {k} | {row['trainable_params']:,} | {files} | "
                          f"{row['total']:,} | {row['legacy_state_pt']:,} |")
     for model, rows in result["models"].items():
         for base, lora in (("hosl", "hosl + LoRA both sides"), ("fo-full", "fo-full + LoRA")):
             ratio = rows[base]["total"] / rows[lora]["total"]
             lines.append(f"\n{model}: {lora} is {ratio:,.0f}x smaller than {base}.")
+        for hosl, frozen in (("hosl", "frozen"), ("hosl, deep split", "frozen, deep split")):
+            # the same server and no client optimizer either way: the difference is the client
+            saved = rows[hosl]["total"] - rows[frozen]["total"]
+            client = (rows[frozen]["files"]["client.safetensors"],
+                      rows[hosl]["files"]["client.safetensors"])
+            lines.append(f"\n{model}, k = {rows[frozen]['k']}: frozen's checkpoint is {saved:,} "
+                         f"bytes smaller than hosl's: its client.safetensors holds no tensor "
+                         f"({client[0]:,} bytes, against {client[1]:,}).")
     lines += ["", "Machine: " + ", ".join(f"{k} {v}" for k, v in result["machine"].items())]
     return "\n".join(lines) + "\n"
 
@@ -103,8 +119,11 @@ def main() -> None:
     }
     for name in args.models.split(","):
         model = tiny_llama() if name == "tiny" else load_pretrained(name)[0]
-        result["models"][name] = {label: measure(model, name, sets)
-                                  for label, sets in CONFIGS.items()}
+        result["models"][name] = {
+            **{label: measure(model, name, sets) for label, sets in CONFIGS.items()},
+            **{label: measure(model, name, {"model.split_layer": DEEP_SPLIT[name], **sets})
+               for label, sets in DEEP.items()},
+        }
         print(json.dumps({name: {k: v["total"] for k, v in result["models"][name].items()}}))
         del model
         gc.collect()

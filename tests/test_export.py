@@ -58,6 +58,7 @@ def _train(model_dir: Path, files: tuple[Path, Path], out: Path, mode: str, *set
     [
         ("hosl", ("client.adapter=lora", "server.adapter=lora", "client.lora_alpha=64")),
         ("fo", ()),  # no adapter: the embedding and the head both train, apart
+        ("frozen", ()),  # nothing of the client stored: it comes from the pretrained model
         ("fo-full", ("client.adapter=lora",)),
     ],
 )

@@ -134,10 +134,13 @@ def with_adapter(part: torch.nn.Module, cfg: TrainConfig, who: str) -> torch.nn.
 def split_parts(
     cfg: TrainConfig, model: PreTrainedModel, *, client: bool = True, server: bool = True
 ) -> tuple[ClientPart, ServerPart]:
-    """The model cut at `cfg.model.split_layer`, each kept part with its party's adapter."""
+    """The model cut at `cfg.model.split_layer`, each kept part with its party's adapter; a
+    `frozen` run's client has no trainable parameter (`requires_grad` off)."""
     client_part, server_part = split_model(model, cfg.model.split_layer)
     if client:
         with_adapter(client_part, cfg, "client")
+        if cfg.mode == "frozen":  # nothing of it trains, so its checkpoint stores nothing of it
+            client_part.requires_grad_(False)
     if server:
         with_adapter(server_part, cfg, "server")
     return client_part, server_part

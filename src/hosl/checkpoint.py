@@ -2,10 +2,13 @@
 
 A checkpoint is a directory `checkpoints/step-<N>`:
 
-    <party>.safetensors   one per party (`client`, `server`; `full` for an unsplit run): what the
-                          party trains and nothing else. A party with adapters keeps its adapters
-                          alone (its frozen base comes from the pretrained model at resume, eval
-                          and export); a party without keeps its whole part.
+    <party>.safetensors   one per party (`client`, `server`; `full` for an unsplit run): the
+                          tensors the party trains (`requires_grad`) and nothing else. A party
+                          that trains its whole part keeps it whole; one with adapters keeps its
+                          adapters alone; one that trains nothing (a `frozen` client) keeps no
+                          tensor. What is not kept is the pretrained model's: it is rebuilt from
+                          it at resume, eval and export. (Checkpoints written before a frozen
+                          client stored nothing hold its whole part, and are still read.)
     training_state.pt     the rest, small: optimizer moments (of the trained tensors only: an
                           optimizer is built over them alone), schedules, many clients' update log
                           (written by hosl itself, read back with `weights_only=True`)

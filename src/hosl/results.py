@@ -135,7 +135,8 @@ def client_params(run_dir: Path, row: dict[str, Any]) -> int | None:
     from hosl.checkpoint import latest_checkpoint, parameter_count  # torch: only when needed
 
     checkpoint = latest_checkpoint(run_dir)
-    if checkpoint is not None and (count := parameter_count(checkpoint, "client")) is not None:
+    # a client that trains nothing (mode frozen) stores nothing: its count is the config's
+    if checkpoint is not None and (count := parameter_count(checkpoint, "client")):
         return count
     return analytic_client_params(row.get("model.name"), row.get("model.split_layer"))
 

@@ -144,25 +144,34 @@ def trainable_bytes(part: nn.Module) -> int:
 
 
 def trained_state(part: nn.Module) -> dict[str, torch.Tensor]:
-    """What a checkpoint keeps of a part: its adapters alone when it has some (the frozen base
-    comes from the pretrained model), else its whole state."""
-    if not has_adapter(part):
-        return part.state_dict()
-    return {name: p.detach() for name, p in part.named_parameters() if p.requires_grad}
+    """What a checkpoint keeps of a part: the tensors it trains. When every parameter trains, that
+    is the part's whole state; otherwise its trainable parameters alone (a part with adapters: the
+    adapters; a part that trains nothing, a frozen client: nothing). The rest is the pretrained
+    model's, rebuilt from it at resume, eval and export."""
+    named = dict(part.named_parameters())
+    if all(p.requires_grad for p in named.values()):
+        return part.state_dict()  # tied names and persistent buffers included, as before
+    return {name: p.detach() for name, p in named.items() if p.requires_grad}
 
 
 def load_trained_state(part: nn.Module, state: dict[str, Any], who: str) -> None:
-    """Load what `trained_state` wrote; a checkpoint of another adapter layout is refused."""
-    if not has_adapter(part):
+    """Load what `trained_state` wrote; a checkpoint of other trained tensors is refused.
+
+    A part without adapters that trains nothing (a frozen client) also takes its whole state:
+    checkpoints written before such a part stored nothing hold it (its pretrained values)."""
+    named = dict(part.named_parameters())
+    expected = {name for name, p in named.items() if p.requires_grad}
+    if len(expected) == len(named):  # everything trains: the whole state, strictly
         part.load_state_dict(state)
-        return
-    expected = {name for name, p in part.named_parameters() if p.requires_grad}
-    if set(state) != expected:
-        raise HoslError(
-            f"the {who}'s checkpoint does not hold this run's adapters ({len(state)} tensors "
-            f"saved, {len(expected)} expected): it was written with other adapter settings"
-        )
-    part.load_state_dict(state, strict=False)
+    elif set(state) == expected:  # the rest stays as the pretrained model has it
+        part.load_state_dict(state, strict=False)
+    elif not has_adapter(part) and set(state) == set(part.state_dict()):
+        part.load_state_dict(state)
+    else:
+        what, settings = (("this run's adapters", "adapter settings") if has_adapter(part)
+                          else ("the tensors this run trains", "settings (mode, adapters)"))
+        raise HoslError(f"the {who}'s checkpoint does not hold {what} ({len(state)} tensors "
+                        f"saved, {len(expected)} expected): it was written with other {settings}")
 
 
 def merge_adapters(root: nn.Module) -> int:

@@ -55,7 +55,8 @@ class PartyState:
             self.meter.set_resident_state(self.part, self.optimizer)
 
     def state_dict(self) -> dict:
-        # a part with adapters keeps only them: its frozen base is the pretrained model's
+        # the tensors that train alone (see `trained_state`): an adapter's frozen base, or a
+        # frozen client's whole part, is the pretrained model's
         state: dict = {"part": trained_state(self.part)}
         if self.optimizer is not None:
             state["optimizer"] = self.optimizer.state_dict()
