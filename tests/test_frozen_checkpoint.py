@@ -90,6 +90,8 @@ def test_a_frozen_run_resumes_to_the_straight_runs_bits(
     # steps 3 and 4 ran on a client rebuilt from the pretrained model: same activations, losses
     losses = _losses(straight)
     assert sorted(losses) == [1, 2, 3, 4] and _losses(resumed) == losses
+    summary = json.loads((straight / "summary.json").read_text())
+    assert summary["client_trainable_params"] == 0 and summary["client_params"] > 0
 
 
 def test_a_checkpoint_that_holds_the_frozen_client_still_resumes(

@@ -70,9 +70,9 @@ def build_summary(
         "client_params": param_count(run.parties()["client"].part),
         "server_params": param_count(run.server.part) if run.server is not None else None,
         # d_c: what the client trains (its ZO target in hosl and zo; its adapters alone with
-        # client.adapter lora); the server's likewise (None when it is another process)
-        "client_trainable_params": 0 if cfg.mode == "frozen" else trainable_count(
-            run.parties()["client"].part),
+        # client.adapter lora; nothing when frozen); the server's likewise (None when it is
+        # another process)
+        "client_trainable_params": trainable_count(run.parties()["client"].part),
         "server_trainable_params": (
             trainable_count(run.server.part) if run.server is not None else None
         ),
