@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,11 @@ import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+
+# scripts/test.sh runs one pytest-xdist worker per core (up to 4): each worker computes on one
+# thread, as workers × torch's default thread count would oversubscribe the cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 POSITIVE = ["good", "great", "fine", "lovely", "superb", "moving", "fresh", "bright"]
 NEGATIVE = ["bad", "dull", "awful", "boring", "weak", "stale", "grim", "flat"]
