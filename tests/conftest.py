@@ -62,12 +62,14 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def tiny_llama(seed: int = 0, layers: int = 3) -> torch.nn.Module:
+def tiny_llama(
+    seed: int = 0, layers: int = 3, hidden: int = 32, intermediate: int = 64
+) -> torch.nn.Module:
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=len(WORDS),
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,

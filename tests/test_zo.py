@@ -175,7 +175,8 @@ def test_embedding_noise_costs_the_looked_up_rows_not_the_matrix() -> None:
             apply_zo_update_(target, [(3, 1.0)], lr=0.1)
     finally:
         engine.ROW_CHUNK_ELEMENTS = old
-    # a chunk's noise plus the generator's working set (about a tenth of what it generates)
-    assert meter.peak_bytes <= 1.15 * matrix / 10, meter.peak_bytes
+    # a chunk's noise plus the generator's working set: passes of max(chunk / 32, 4,096) elements
+    # at ~12 bytes each (hosl.zo.seeds); the whole matrix's noise would be ten times the chunk's
+    assert meter.peak_bytes <= matrix / 10 + 4096 * 12 + 1024, meter.peak_bytes
     expected = before - 0.1 * target.noise("0.weight", before, 3)
     torch.testing.assert_close(model[0].weight, expected, rtol=0, atol=1e-6)

@@ -1,4 +1,5 @@
-"""The ZO engine's memory bound: perturbing costs at most one parameter tensor over inference."""
+"""The ZO engine's memory bound: perturbing costs at most one parameter tensor over inference
+(plus the noise generator's working set)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,10 @@ from hosl.zo import PerturbedForward, ZoTarget
 
 @pytest.mark.parametrize("examples", [1, 16])
 def test_perturbed_forward_costs_at_most_the_largest_tensor(tokenizer, examples) -> None:
-    client, _ = split_model(tiny_llama(layers=3), 2)
+    # wide enough that a tensor outweighs the noise generator's smallest working set (passes of
+    # at least 4,096 elements at ~12 bytes each, hosl.zo.seeds), which a tensor of the default
+    # tiny model (2,048 elements) does not
+    client, _ = split_model(tiny_llama(layers=3, hidden=64, intermediate=256), 2)
     batch = collate(sentiment_examples(examples), tokenizer, max_length=16)
     target = ZoTarget(client)
     largest = max(p.numel() * p.element_size() for _, p in target.named)
@@ -28,7 +32,8 @@ def test_perturbed_forward_costs_at_most_the_largest_tensor(tokenizer, examples)
             out = client(batch.input_ids, batch.attention_mask)
         del out
     extra = perturbed.peak_bytes - plain.peak_bytes
-    assert extra <= largest, (extra, largest)
+    generator = 4096 * 12 + 1024  # its smallest passes' working set (see above)
+    assert extra <= largest + generator, (extra, largest)
     if examples == 1:  # parameters dominate a one-example forward: the perturbed copy shows
         assert extra > 0
 

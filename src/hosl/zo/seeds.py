@@ -62,8 +62,11 @@ ROW_CHUNK_ELEMENTS = 1 << 20
 # passes stopped paying; on CUDA larger passes mean fewer kernel launches.
 _PASS_ELEMENTS = {"cpu": 1 << 17, "cuda": 1 << 21}
 # Whole tensors use passes of at most 1/32 of their size, so the working set stays a small fraction
-# of the noise itself, but never passes smaller than this.
-_MIN_PASS_ELEMENTS = 1 << 6
+# of the noise itself, but never passes smaller than this (a tensor smaller than it: one pass).
+# A pass is some 30 tensor operations whatever its size; at 64 elements a ZO step of a small model
+# (hidden 32..64) spent ~7x its time in per-operation overhead. 4,096 elements is a working set of
+# ~50 KB (~12 bytes per element with the Weyl ramp), nothing beside any model's activations.
+_MIN_PASS_ELEMENTS = 1 << 12
 _WHOLE_PASS_FRACTION = 32
 # Row subsets a forward looks up (a few MB) are made in passes of the device's pass size with no
 # fraction rule: 1,000 rows of a 576-wide embedding then take 5 passes on CPU, where ~30 small ones
