@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import random
 import struct
-import time
 from collections import Counter
 from typing import Any
 
@@ -22,7 +21,9 @@ from hosl.transport.messages import from_bytes, to_bytes
 from hosl.transport.streaming import open_request, request_frames
 
 SEED = 20240614
-BUDGET_S = 6.0  # stop early on a slow machine; the count below is what a normal run reaches
+# A fixed count, not a time budget: a loaded machine (a CI runner, parallel test workers) then
+# takes longer instead of trying fewer inputs. About 8 s on an idle 2-core CPU.
+INPUTS = 10_000
 HIDDEN = 8
 
 
@@ -173,8 +174,8 @@ def test_no_decoder_lets_anything_but_codec_error_escape() -> None:
     _, good_parts = request_frames(_request(), torch.float32)
     good_parts = list(good_parts)
     escapes: Counter[str] = Counter()
-    tried, started = 0, time.monotonic()
-    while tried < 40_000 and time.monotonic() - started < BUDGET_S:
+    tried = 0
+    while tried < INPUTS:
         frame = _mutate(rng.choice(seeds), rng)
         parts = [_mutate(p, rng) if rng.random() < 0.3 else p for p in good_parts]
         messages = list(to_messages(frame, chunk_bytes=rng.choice([7, 64, 1 << 20])))
@@ -188,5 +189,4 @@ def test_no_decoder_lets_anything_but_codec_error_escape() -> None:
             except Exception as err:  # noqa: BLE001 (counting what escapes is the point)
                 escapes[f"{type(err).__name__}: {str(err)[:80]}"] += 1
         tried += 1
-    assert tried >= 10_000, f"only {tried} inputs in {BUDGET_S} s"
     assert not escapes, f"{sum(escapes.values())} of {tried} escaped: {escapes.most_common(8)}"
