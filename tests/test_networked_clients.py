@@ -11,33 +11,42 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import signal
+import socket
 import struct
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent import futures
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import grpc
 import pytest
 import torch
 
 from conftest import sentiment_rows, tiny_llama
+from hosl.build import build_run
 from hosl.checkpoint import load_latest
 from hosl.cli import main
 from hosl.config import TrainConfig
+from hosl.errors import HoslError
 from hosl.federated.records import ClientUpdate, UpdateLog, replay
 from hosl.models.split import split_model
-from hosl.remote import run_fingerprint
+from hosl.remote import RemoteOptions, make_transport, run_fingerprint
 from hosl.transport.codec import encode
-from hosl.transport.grpc_server import _Refuse
+from hosl.transport.framing import grpc_options
+from hosl.transport.grpc_server import ServerState, _Refuse
+from hosl.transport.handshake import identity_for
 from hosl.transport.inbox import InboxClosed
+from hosl.transport.ledger import StepLedger
 from hosl.transport.sessions import (
     IDS_PER_SLOT,
     MAX_CLIENT_ID,
@@ -46,6 +55,7 @@ from hosl.transport.sessions import (
     Roster,
 )
 from hosl.zo import ZoTarget
+from test_grpc_transport import _cfg as _grpc_cfg
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 DEADLINE_S = 240  # a safety net for a loaded machine; a normal run needs seconds
@@ -656,3 +666,97 @@ def test_books_are_made_for_the_ids_that_join_and_their_number_is_bounded() -> N
     restarted = Roster(max_clients=2, min_clients=1, total_steps=4, committed=lambda: 0)
     restarted.load_state_dict(roster.state_dict())
     assert restarted.books == roster.books and restarted.report() == roster.report()
+
+
+def test_a_real_server_compares_the_first_clients_with_each_other_and_checks_digests() -> None:
+    """The hello's run fingerprint and log position reach `Roster.admit` over gRPC: with none
+    committed yet, a second client of another run (another seed) is refused, and so is a client
+    whose digest is not the log's."""
+    cfg = _grpc_cfg("hosl")
+    model = tiny_llama()
+    party = build_run(cfg, model).server
+    identity = identity_for("tiny", model.config, 1, cfg.mode, "float32", cfg.grad_accum)
+    state = ServerState(party, identity, StepLedger(), hidden_size=32,
+                        log=logging.getLogger("test-server"))
+    roster = Roster(max_clients=3, min_clients=3, total_steps=4,
+                    committed=lambda: state.ledger.committed)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8),
+                         handlers=[MultiClientServicer(state, roster).handler()],
+                         options=grpc_options(server=True))
+    address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    server.start()
+    transports = []
+
+    def connect(cid: int, run: TrainConfig, digest: str = _digest_of([])) -> None:
+        hello = {"id": cid, "cursor": 0, "digest": digest, "examples": 4, "theta_bytes": 64}
+        transport = make_transport(run, model, RemoteOptions(address, reconnect_timeout=0),
+                                   client=hello)
+        transports.append(transport)
+        transport.connect()
+
+    try:
+        connect(0, cfg)
+        with pytest.raises(HoslError, match="already connected train another run .*seed"):
+            connect(1, replace(cfg, seed=1))
+        with pytest.raises(HoslError, match="not the server's"):
+            connect(1, cfg, digest=_digest_of([_record(0, 0)]))
+        connect(1, cfg)
+        assert sorted(roster.members) == [0, 1] and roster.run == run_fingerprint(cfg)
+    finally:
+        for transport in transports:
+            transport.close()
+        server.stop(0).wait()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_a_killed_server_resumes_its_log_and_the_clients_resume_bit_identical(
+    tiny_model_dir, files, tmp_path
+) -> None:
+    """Two client processes train with a server that is killed (SIGKILL) mid-training and
+    restarted with --resume; the clients, cut off, resume from their checkpoints (one after the
+    other, in this process) and end holding the server's log replayed onto the base model."""
+    steps = 10
+    srv = tmp_path / "server"
+    runs = {cid: tmp_path / f"client-{cid}" for cid in range(2)}
+    port = str(_free_port())  # fixed: the clients start with the server and wait for it
+    address = f"127.0.0.1:{port}"
+    many = ["--max-clients", "2", "--min-clients", "2", "--client-tokens", str(files["tokens"]),
+            "--port", port]
+    first = _hosl("serve", "--model", str(tiny_model_dir), "--split-layer", "1", "--mode", "hosl",
+                  "--server-lr", "0.1", "--optimizer", "adamw", "--steps", str(steps),
+                  "--output", str(srv), "--checkpoint-every", "1", "--set", "memory_steps=0",
+                  *many, log=tmp_path / "serve.out")
+    procs = {cid: _hosl(*_client_args(tiny_model_dir, files, address, cid, runs[cid], steps),
+                        "--checkpoint-every", "1", log=tmp_path / f"client-{cid}.out")
+             for cid in range(2)}
+    second = None
+    try:
+        _wait(lambda: _committed(srv) >= 4 or first.poll() is not None, "a few steps")
+        first.send_signal(signal.SIGKILL)
+        first.wait(30)
+        at_kill = _committed(srv)
+        for proc in procs.values():  # their sessions ended with the server: they stop
+            assert proc.wait(DEADLINE_S) != 0
+        second = _hosl("serve", "--resume", str(srv), *many, log=tmp_path / "serve.out")
+        for cid in range(2):
+            assert main(["client", "--resume", str(runs[cid]), "--server", address,
+                         "--client-id", str(cid), "--no-progress", "--token-file",
+                         str(files["tokens"].parent / f"token-{cid}")]) == 0
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(30) == 0
+    finally:
+        for proc in [first, second, *procs.values()]:
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+    assert 4 <= at_kill < steps and "resumed" in _server_log(srv)
+    records = _server_records(srv)
+    assert [r.step for r in records] == list(range(steps))  # every step once, none lost
+    assert {r.client for r in records[:at_kill]} == {0, 1}  # both stepped before the kill
+    expected = _rebuilt_from_log(records)
+    for cid in range(2):
+        _assert_bitwise(expected, _theta_c(runs[cid]), f"client {cid} against the server's log")
