@@ -753,6 +753,7 @@ def test_a_killed_server_resumes_its_log_and_the_clients_resume_bit_identical(
         for proc in [first, second, *procs.values()]:
             if proc is not None and proc.poll() is None:
                 proc.kill()
+                proc.wait(30)
     assert 4 <= at_kill < steps and "resumed" in _server_log(srv)
     records = _server_records(srv)
     assert [r.step for r in records] == list(range(steps))  # every step once, none lost
