@@ -7,12 +7,15 @@ single-client run fed the same batches, and byte counts from the record layout w
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 
+import numpy as np
 import pytest
 import torch
 
+import hosl.federated.schedule as schedule_module
 from conftest import sentiment_examples, tiny_llama
 from hosl.batching import collate
 from hosl.build import build_run
@@ -28,8 +31,10 @@ from hosl.config import (
 from hosl.errors import ConfigError
 from hosl.federated.records import ClientUpdate, UpdateLog, replay
 from hosl.federated.run import FederatedRun, federate
+from hosl.federated.schedule import ClientSchedule
 from hosl.models.split import split_model
 from hosl.zo import ZoTarget
+from hosl.zo.seeds import tensor_seed
 
 TRAIN = sentiment_examples(30, seed=7)
 EMBED = "model.embed_tokens.weight"
@@ -258,6 +263,52 @@ def test_schedules_are_seeded_and_fair() -> None:
         assert sampled.local_step(s) == sum(sampled.client_at(t) == c for t in range(s))
 
 
+def _clients_by_step(n: int, order: str, fraction: float, seed: int, steps: int) -> list[int]:
+    """The schedule written out from its definition (module doc of hosl.federated.schedule)."""
+    m = max(1, min(n, round(fraction * n)))
+    out: list[int] = []
+    for r in range(-(-steps // m)):
+        if order == "round-robin":
+            out += [(r * m + j) % n for j in range(m)]
+        else:
+            rng = np.random.default_rng(tensor_seed(seed, f"clients-round-{r}"))
+            out += [int(c) for c in rng.choice(n, size=m, replace=False)]
+    return out[:steps]
+
+
+def test_local_step_counts_earlier_turns_drawing_each_round_once(monkeypatch) -> None:
+    steps = 60
+    for n in (1, 2, 3, 5, 8):
+        for order in ("round-robin", "sampled"):
+            for fraction in (0.2, 0.5, 0.75, 1.0):
+                for seed in (0, 3):
+                    schedule = ClientSchedule(n, order, fraction, seed)
+                    clients = _clients_by_step(n, order, fraction, seed, steps)
+                    for s, c in enumerate(clients):
+                        assert schedule.client_at(s) == c
+                        assert schedule.local_step(s) == clients[:s].count(c), (
+                            n, order, fraction, seed, s)
+    # a run's steps in order draw each round about once (the count was O(steps²) draws)
+    draws = [0]
+    original = schedule_module._round_clients
+
+    def counted(*args: object) -> tuple[int, ...]:
+        draws[0] += 1
+        return original(*args)
+
+    monkeypatch.setattr(schedule_module, "_round_clients", counted)
+    sampled = ClientSchedule(3, "sampled", 0.34, seed=4242)  # one client a round
+    assert [sampled.local_step(s) for s in range(600)] == [
+        c[:s].count(c[s]) for c in [_clients_by_step(3, "sampled", 0.34, 4242, 600)]
+        for s in range(600)]
+    assert draws[0] <= 2 * 600
+    # the rounds the cache hands out cannot be changed by whoever receives them
+    first = sampled.round_clients(0)
+    with contextlib.suppress(TypeError):  # a tuple refuses; a shared list would change
+        first[0] = 1 - first[0]  # type: ignore[index]
+    assert sampled.round_clients(0)[0] == _clients_by_step(3, "sampled", 0.34, 4242, 1)[0]
+
+
 def test_client_configs_that_cannot_work_are_refused() -> None:
     with pytest.raises(ConfigError, match="needs a split mode"):
         load_config(overrides={"mode": "zo-full", "clients.n": "2"})
@@ -310,7 +361,8 @@ def test_a_parallel_round_steps_every_client_on_the_rounds_theta_c(tokenizer) ->
         assert torch.equal(recorder.clean[-1], want), step
         if step % m == m - 1:
             round_records = shared.sync.log.since(len(shared.sync.log) - m)
-            assert [r.client for r in round_records] == shared.schedule.round_clients(step // m)
+            want = shared.schedule.round_clients(step // m)
+            assert [r.client for r in round_records] == list(want)
             replay(ZoTarget(reference), round_records)
             _assert_bitwise(reference, shared.client.part)
             for c, party in enumerate(copies.copies):

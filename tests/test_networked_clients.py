@@ -8,33 +8,54 @@ Every process runs under a deadline and is killed in a `finally`.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import logging
 import os
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent import futures
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import grpc
 import pytest
 import torch
 
 from conftest import sentiment_rows, tiny_llama
+from hosl.build import build_run
 from hosl.checkpoint import load_latest
 from hosl.cli import main
+from hosl.config import TrainConfig
+from hosl.errors import HoslError
 from hosl.federated.records import ClientUpdate, UpdateLog, replay
 from hosl.models.split import split_model
+from hosl.remote import RemoteOptions, make_transport, run_fingerprint
 from hosl.transport.codec import encode
-from hosl.transport.grpc_server import _Refuse
+from hosl.transport.framing import grpc_options
+from hosl.transport.grpc_server import ServerState, _Refuse
+from hosl.transport.handshake import identity_for
 from hosl.transport.inbox import InboxClosed
-from hosl.transport.sessions import ClientHello, MultiClientServicer, Roster
+from hosl.transport.ledger import StepLedger
+from hosl.transport.sessions import (
+    IDS_PER_SLOT,
+    MAX_CLIENT_ID,
+    ClientHello,
+    MultiClientServicer,
+    Roster,
+)
 from hosl.zo import ZoTarget
+from test_grpc_transport import _cfg as _grpc_cfg
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 DEADLINE_S = 240  # a safety net for a loaded machine; a normal run needs seconds
@@ -322,8 +343,12 @@ def test_the_roster_hands_out_one_turn_at_a_time_and_binds_ids_to_tokens() -> No
     with pytest.raises(_Refuse, match="malformed"):
         roster.commit(m0, record[:-3])
     assert roster.commit(m0, record) == 1
-    turn = roster.wait_turn(m1, stop)  # round-robin: client 1 next, with client 0's record
-    assert turn["step"] == 1 and turn["records"] == [record]
+    # client 1 lacks client 0's record: it gets it at once, holding no turn, then its turn
+    catch_up = roster.wait_turn(m1, stop)
+    assert catch_up["catch_up"] and catch_up["step"] is None and catch_up["records"] == [record]
+    assert not roster.holds_turn(m1)
+    turn = roster.wait_turn(m1, stop)  # round-robin: client 1 next
+    assert turn["step"] == 1 and turn["records"] == [] and not turn["catch_up"]
     assert roster.leave(m1)  # it held the turn: the server must discard its partial step
     committed[0] = 2
     turn = roster.wait_turn(m0, stop)
@@ -392,6 +417,7 @@ class _StubServer:
         self.stopping, self.lock = threading.Event(), threading.Lock()
         self.idle_timeout, self.discards, self.session_ends = 5.0, 0, 0
         self.compute_dtype, self.hidden_size, self.bounds = torch.float32, 8, None
+        self.run_fingerprint = None
         self.log = SimpleNamespace(info=lambda *a: None, warning=lambda *a: None)
         self.ledger = SimpleNamespace(committed=0, open_step=None, abort=self._discarded)
         self.party = SimpleNamespace(phase=lambda name: contextmanager(lambda: (yield))(),
@@ -463,3 +489,275 @@ def test_the_end_of_call_callback_never_waits_for_the_step_lock() -> None:
     # both left in the end (checkpoints written), the holder's partial step discarded once
     assert stub.session_ends == 2 and stub.discards == 1
     assert roster.members == {} and roster.holder is None
+
+
+# Hardening: who may join a log, what a record may hold, catch-up and books ----------------
+
+EMBEDDING = "model.embed_tokens.weight"  # the tiny model's embedding (one row per word)
+
+
+def _digest_of(records: list[bytes]) -> str:
+    """The log's chain digest, computed here from its definition (docs/many_clients.md)."""
+    digest = hashlib.sha256(b"hosl update log").digest()
+    for encoded in records:
+        digest = hashlib.sha256(digest + encoded).digest()
+    return digest.hex()
+
+
+def _record(step: int, client: int, *, pairs: int = 1, lr: float = 0.1, seed: int = 7,
+            rows: dict | None = None) -> bytes:
+    coefs = tuple((seed + i, 0.5 - 0.1 * i) for i in range(pairs))
+    return ClientUpdate(step, client, lr, 0.0, coefs, rows).encode()
+
+
+def test_a_client_ahead_of_the_log_or_apart_from_it_is_refused() -> None:
+    """A server restarted from an older checkpoint, whose log has since taken another client's
+    step at a position a client had already filled with its own: same cursor, other records."""
+    records = [_record(s, s % 2, seed=10 * s) for s in range(3)]
+    roster = Roster(max_clients=4, min_clients=1, total_steps=9, committed=lambda: 2)
+    roster.sync.log.append(ClientUpdate.decode(r) for r in records[:2])  # the restarted log
+    lost = _record(2, 1, seed=99)  # client 1's step the old server confirmed, then lost
+    with pytest.raises(_Refuse, match="holds 2: the server restarted .* start it afresh"):
+        roster.admit(ClientHello(1, 3, 5, 64, _digest_of([*records[:2], lost])))
+    roster.sync.log.append([ClientUpdate.decode(records[2])])  # another client's step 2
+    with pytest.raises(_Refuse, match="not the server's .* start it afresh from the base"):
+        roster.admit(ClientHello(1, 3, 5, 64, _digest_of([*records[:2], lost])))
+    with pytest.raises(_Refuse, match="not the server's"):  # another run's first record
+        roster.admit(ClientHello(2, 1, 5, 64, _digest_of([lost])))
+    assert roster.members == {} and roster.books == {}
+    roster.admit(ClientHello(1, 2, 5, 64, _digest_of(records[:2])))  # behind, same records
+    roster.admit(ClientHello(3, 0, 5, 64))  # the base model
+    with pytest.raises(_Refuse, match="'digest' is not a sha256"):
+        ClientHello.parse({"id": 0, "cursor": 0, "examples": 1, "theta_bytes": 1})
+    hello = {"id": 0, "cursor": 3, "examples": 1, "theta_bytes": 1, "digest": _digest_of(records)}
+    assert ClientHello.parse(hello).digest == _digest_of(records)
+    # its catch-up brings the log's last record and the digest it must reach
+    answer = roster.wait_turn(roster.members[1], threading.Event())
+    assert answer["records"] == records[2:] and answer["digest"] == _digest_of(records)
+
+
+def test_the_first_clients_are_compared_with_each_other_adapters_and_seeds_included() -> None:
+    base = TrainConfig()
+    lora = replace(base, client=replace(base.client, adapter="lora"))
+    runs = {"base": base, "seed": replace(base, seed=1), "lora": lora,
+            "rank": replace(lora, client=replace(lora.client, lora_rank=4))}
+    fingerprint = {name: run_fingerprint(cfg) for name, cfg in runs.items()}
+    roster = Roster(max_clients=3, min_clients=3, total_steps=4, committed=lambda: 0)
+    roster.admit(ClientHello(0, 0, 5, 64), fingerprint["base"])
+    for name, field_name in (("seed", "seed"), ("lora", "client_adapter")):
+        with pytest.raises(_Refuse, match=f"already connected train another run .*{field_name}"):
+            roster.admit(ClientHello(1, 0, 5, 64), fingerprint[name])
+    roster.admit(ClientHello(1, 0, 5, 64), fingerprint["base"])
+    assert sorted(roster.members) == [0, 1]
+    adapters = Roster(max_clients=2, min_clients=2, total_steps=4, committed=lambda: 0)
+    adapters.admit(ClientHello(0, 0, 5, 64), fingerprint["lora"])
+    with pytest.raises(_Refuse, match="client_lora_rank: server run 8, client 4"):
+        adapters.admit(ClientHello(1, 0, 5, 64), fingerprint["rank"])
+    # a fresh server whose only client left before any step takes the next client's run
+    adapters.leave(adapters.members[0])
+    adapters.admit(ClientHello(1, 0, 5, 64), fingerprint["rank"])
+
+
+def test_a_record_that_breaks_a_rule_is_refused_and_changes_nothing() -> None:
+    """Every client replays a logged record: row ids beyond the embedding, a wrong number of
+    pairs, a learning rate above the run's, a non-finite number or a non-canonical encoding would
+    make each replay fail or differ, so the log never takes one."""
+    part = split_model(tiny_llama(), 1)[0]
+    target = ZoTarget(part)
+    assert target.row_wise == {EMBEDDING}
+    vocab = dict(target.named)[EMBEDDING].shape[0]
+    committed = [0]
+    roster = Roster(max_clients=1, min_clients=1, total_steps=4, committed=lambda: committed[0],
+                    grad_accum=2, row_limits={EMBEDDING: vocab})
+    member = ClientHello(0, 0, 5, 64)
+    roster.admit(member, {"q": 2, "client_lr": 0.01, "seed": 0})
+    assert roster.wait_turn(member, threading.Event())["step"] == 0
+    committed[0] = 1
+    rows = {7: {EMBEDDING: torch.tensor([1, 5, vocab - 1])}}
+    good = _record(0, 0, pairs=4, lr=0.005, rows=rows)
+    duplicate = bytearray(ClientUpdate(0, 0, 0.005, 0.0, ((7, 0.5), (7, 0.25), (8, 0.1),
+                                                          (9, 0.1)), rows).encode())
+    struct.pack_into("<I", duplicate, 36 + 4 * 16, 1)  # the rows' seed named by its 2nd copy
+    bad = {
+        f"row ids .* 0..{vocab - 1}": _record(0, 0, pairs=4, lr=0.005,
+                                              rows={7: {EMBEDDING: torch.tensor([1, vocab])}}),
+        "not sorted": _record(0, 0, pairs=4, lr=0.005, rows={7: {EMBEDDING: torch.tensor([5, 1])}}),
+        "not an embedding": _record(0, 0, pairs=4, lr=0.005,
+                                    rows={7: {"model.norm.weight": torch.tensor([0])}}),
+        "holds 2 .* pairs; .* q × grad_accum = 2 × 2": _record(0, 0, pairs=2, lr=0.005),
+        "learning rate 0.02 is outside 0..0.01": _record(0, 0, pairs=4, lr=0.02),
+        "learning rate -0.001": _record(0, 0, pairs=4, lr=-0.001),
+        "not finite": _record(0, 0, pairs=4, lr=float("nan")),
+        "canonical": bytes(duplicate),
+    }
+    for message, record in bad.items():
+        with pytest.raises(_Refuse, match=message):
+            roster.commit(member, record)
+        assert len(roster.sync.log) == 0 and roster.holds_turn(member), message
+        assert vars(roster.books[0]) == {"cursor": 0, "down_bytes": 0, "up_bytes": 0, "steps": 0}
+    assert roster.commit(member, good) == 1
+    assert roster.sync.log.encoded_since(0) == [good]
+    assert roster.sync.log.digest(1).hex() == _digest_of([good])
+    replay(target, roster.sync.log.since(0))  # the good record replays on the tiny model
+
+
+def test_a_late_joiner_catches_up_in_pieces_holding_no_turn_and_no_deadline() -> None:
+    """A long log against a tiny --turn-timeout: each piece of the catch-up takes longer to
+    replay than a turn may last, yet the joiner is not dropped, and the other client steps
+    meanwhile instead of waiting for it."""
+    stub = _StubServer()
+    log_length = 150
+    roster = Roster(max_clients=2, min_clients=1, total_steps=1000,
+                    committed=lambda: log_length, turn_timeout=0.2)
+    roster.sync.log.append(ClientUpdate.decode(_record(s, 1, seed=s)) for s in range(log_length))
+    servicer = MultiClientServicer(stub, roster)
+    late, other = ClientHello(0, 0, 5, 64), ClientHello(1, log_length, 5, 64,
+                                                        roster.sync.log.digest(log_length).hex())
+    roster.admit(late)
+    roster.admit(other)
+    answers: list[dict] = []
+    wait_turn = roster.wait_turn
+
+    def spied(member: ClientHello, stopping: threading.Event) -> dict:
+        answers.append(wait_turn(member, stopping))
+        return dict(answers[-1])  # the session pops the records from its copy
+
+    roster.wait_turn = spied
+    waits: list[float] = []
+    frames = [encode("turn", {}, {}) for _ in range(4)]
+
+    def next_frame(timeout: float) -> bytes:
+        waits.append(timeout)
+        if len(waits) == 2:  # client 1 steps while client 0 replays its first piece
+            assert _in_thread(lambda: wait_turn(other, stub.stopping))["step"] == log_length
+            roster.leave(other)  # (its step is not the point here)
+        if not frames:
+            raise InboxClosed()
+        time.sleep(0.3 if len(waits) > 1 else 0)  # replaying the previous answer's records
+        return frames.pop(0)
+
+    inbox = SimpleNamespace(next=next_frame, assembler=SimpleNamespace(limit=1 << 20))
+    for _ in servicer._serve_member(inbox, torch.float32, {"max_length": 8}, late):
+        pass
+    assert [len(a["records"]) for a in answers] == [64, 64, 22, 0]
+    assert [a["catch_up"] for a in answers] == [True, True, True, False]
+    assert answers[-1]["step"] == log_length and roster.holds_turn(late)
+    assert answers[2]["digest"] == roster.sync.log.digest(log_length).hex()
+    # replaying, it waited the idle timeout; holding its turn, the turn timeout
+    assert waits == [stub.idle_timeout] * 4 + [0.2]
+
+
+def test_books_are_made_for_the_ids_that_join_and_their_number_is_bounded() -> None:
+    roster = Roster(max_clients=2, min_clients=1, total_steps=4, committed=lambda: 0)
+    top = ClientHello(MAX_CLIENT_ID - 1, 0, 5, 64)
+    roster.admit(top)
+    assert list(roster.books) == [MAX_CLIENT_ID - 1] and len(roster.state_dict()["books"]) == 1
+    report = roster.report()
+    assert report["n"] == 1 and report["ids"] == [MAX_CLIENT_ID - 1]
+    roster.leave(top)
+    for cid in range(IDS_PER_SLOT * 2 - 1):  # ids that join and leave, one after the other
+        roster.admit(hello := ClientHello(cid, 0, 5, 64))
+        roster.leave(hello)
+    assert len(roster.books) == IDS_PER_SLOT * 2
+    with pytest.raises(_Refuse, match="has seen 32 client ids"):
+        roster.admit(ClientHello(1000, 0, 5, 64))
+    roster.admit(ClientHello(3, 0, 5, 64))  # an id that trained before may come back
+    # the checkpoint keeps the books by id
+    restarted = Roster(max_clients=2, min_clients=1, total_steps=4, committed=lambda: 0)
+    restarted.load_state_dict(roster.state_dict())
+    assert restarted.books == roster.books and restarted.report() == roster.report()
+
+
+def test_a_real_server_compares_the_first_clients_with_each_other_and_checks_digests() -> None:
+    """The hello's run fingerprint and log position reach `Roster.admit` over gRPC: with none
+    committed yet, a second client of another run (another seed) is refused, and so is a client
+    whose digest is not the log's."""
+    cfg = _grpc_cfg("hosl")
+    model = tiny_llama()
+    party = build_run(cfg, model).server
+    identity = identity_for("tiny", model.config, 1, cfg.mode, "float32", cfg.grad_accum)
+    state = ServerState(party, identity, StepLedger(), hidden_size=32,
+                        log=logging.getLogger("test-server"))
+    roster = Roster(max_clients=3, min_clients=3, total_steps=4,
+                    committed=lambda: state.ledger.committed)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8),
+                         handlers=[MultiClientServicer(state, roster).handler()],
+                         options=grpc_options(server=True))
+    address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    server.start()
+    transports = []
+
+    def connect(cid: int, run: TrainConfig, digest: str = _digest_of([])) -> None:
+        hello = {"id": cid, "cursor": 0, "digest": digest, "examples": 4, "theta_bytes": 64}
+        transport = make_transport(run, model, RemoteOptions(address, reconnect_timeout=0),
+                                   client=hello)
+        transports.append(transport)
+        transport.connect()
+
+    try:
+        connect(0, cfg)
+        with pytest.raises(HoslError, match="already connected train another run .*seed"):
+            connect(1, replace(cfg, seed=1))
+        with pytest.raises(HoslError, match="not the server's"):
+            connect(1, cfg, digest=_digest_of([_record(0, 0)]))
+        connect(1, cfg)
+        assert sorted(roster.members) == [0, 1] and roster.run == run_fingerprint(cfg)
+    finally:
+        for transport in transports:
+            transport.close()
+        server.stop(0).wait()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_a_killed_server_resumes_its_log_and_the_clients_resume_bit_identical(
+    tiny_model_dir, files, tmp_path
+) -> None:
+    """Two client processes train with a server that is killed (SIGKILL) mid-training and
+    restarted with --resume; the clients, cut off, resume from their checkpoints (one after the
+    other, in this process) and end holding the server's log replayed onto the base model."""
+    steps = 10
+    srv = tmp_path / "server"
+    runs = {cid: tmp_path / f"client-{cid}" for cid in range(2)}
+    port = str(_free_port())  # fixed: the clients start with the server and wait for it
+    address = f"127.0.0.1:{port}"
+    many = ["--max-clients", "2", "--min-clients", "2", "--client-tokens", str(files["tokens"]),
+            "--port", port]
+    first = _hosl("serve", "--model", str(tiny_model_dir), "--split-layer", "1", "--mode", "hosl",
+                  "--server-lr", "0.1", "--optimizer", "adamw", "--steps", str(steps),
+                  "--output", str(srv), "--checkpoint-every", "1", "--set", "memory_steps=0",
+                  *many, log=tmp_path / "serve.out")
+    procs = {cid: _hosl(*_client_args(tiny_model_dir, files, address, cid, runs[cid], steps),
+                        "--checkpoint-every", "1", log=tmp_path / f"client-{cid}.out")
+             for cid in range(2)}
+    second = None
+    try:
+        _wait(lambda: _committed(srv) >= 4 or first.poll() is not None, "a few steps")
+        first.send_signal(signal.SIGKILL)
+        first.wait(30)
+        at_kill = _committed(srv)
+        for proc in procs.values():  # their sessions ended with the server: they stop
+            assert proc.wait(DEADLINE_S) != 0
+        second = _hosl("serve", "--resume", str(srv), *many, log=tmp_path / "serve.out")
+        for cid in range(2):
+            assert main(["client", "--resume", str(runs[cid]), "--server", address,
+                         "--client-id", str(cid), "--no-progress", "--token-file",
+                         str(files["tokens"].parent / f"token-{cid}")]) == 0
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(30) == 0
+    finally:
+        for proc in [first, second, *procs.values()]:
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait(30)
+    assert 4 <= at_kill < steps and "resumed" in _server_log(srv)
+    records = _server_records(srv)
+    assert [r.step for r in records] == list(range(steps))  # every step once, none lost
+    assert {r.client for r in records[:at_kill]} == {0, 1}  # both stepped before the kill
+    expected = _rebuilt_from_log(records)
+    for cid in range(2):
+        _assert_bitwise(expected, _theta_c(runs[cid]), f"client {cid} against the server's log")

@@ -74,8 +74,9 @@ class RemoteOptions:
 
 def run_fingerprint(cfg: TrainConfig) -> dict[str, Any]:
     """What decides the client's trajectory besides the model: a server with committed steps only
-    serves clients whose fingerprint matches, since they will replay its journal."""
-    return {
+    serves clients whose fingerprint matches, since they will replay its journal (and a
+    many-client server only clients of one fingerprint: they replay each other's records)."""
+    run: dict[str, Any] = {
         "seed": cfg.seed,
         "q": cfg.zo.q,
         "eps": cfg.zo.eps,
@@ -84,6 +85,11 @@ def run_fingerprint(cfg: TrainConfig) -> dict[str, Any]:
         "task": cfg.data.task,
         "max_length": cfg.data.max_length,
     }
+    if cfg.client.lora():  # what θ_c is (and, with the seed, where it starts); absent: no adapter
+        a = cfg.client
+        run.update(client_adapter=a.adapter, client_lora_rank=a.lora_rank,
+                   client_lora_alpha=a.lora_alpha, client_lora_targets=a.lora_targets)
+    return run
 
 
 def make_transport(

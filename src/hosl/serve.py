@@ -50,6 +50,7 @@ from hosl.transport.handshake import identity_for
 from hosl.transport.ledger import Journal, StepLedger
 from hosl.transport.security import TokenInterceptor, is_loopback, server_credentials
 from hosl.transport.sessions import MultiClientServicer, Roster
+from hosl.zo import ZoTarget
 
 SHUTDOWN_GRACE_S = 5.0
 LOGGER = "hosl.serve"
@@ -176,6 +177,12 @@ def _logger(run_dir: Path) -> logging.Logger:
 
 def build_server_party(cfg: TrainConfig) -> tuple[ServerParty, object, int]:
     """(party, model config, hidden size): only the server's part of the model stays in memory."""
+    return _build_server_party(cfg)[:3]
+
+
+def _build_server_party(cfg: TrainConfig) -> tuple[ServerParty, object, int, dict[str, int]]:
+    """`build_server_party`, and the rows of each embedding of the client's part by its name
+    (what an update record of a many-client run may hold row ids of)."""
     if cfg.mode not in SPLIT_MODES:
         raise ConfigError(
             f"hosl serve runs the split modes {', '.join(SPLIT_MODES)}, not {cfg.mode!r}"
@@ -186,14 +193,16 @@ def build_server_party(cfg: TrainConfig) -> tuple[ServerParty, object, int]:
     config = model.config
     # the server's adapter (server.*) is this process's setting: a client never sends its own
     client_part, server_part = split_parts(cfg, model, client=False)
-    del model, client_part  # the embeddings and blocks 0..k-1 are the client's
+    target = ZoTarget(client_part)
+    row_limits = {name: int(p.shape[0]) for name, p in target.named if name in target.row_wise}
+    del model, client_part, target  # the embeddings and blocks 0..k-1 are the client's
     gc.collect()
     prepare_server_part(cfg, server_part)
     optimizer = scheduler = None
     if cfg.mode != "zo":  # every other split mode trains its server with FO
         optimizer, scheduler = fo_optimizer(cfg, server_part.parameters())
     party = ServerParty(server_part, optimizer, scheduler, grad_accum=cfg.grad_accum)
-    return party, config, int(config.hidden_size)
+    return party, config, int(config.hidden_size), row_limits
 
 
 def refuse_client_settings(cfg: TrainConfig) -> None:
@@ -227,7 +236,7 @@ def serve(
     credentials = server_credentials(opts.tls_cert, opts.tls_key)
     _run_dir(cfg, resume_dir)  # a non-empty --output is refused before the model loads
     torch.manual_seed(cfg.seed)
-    party, config, hidden_size = build_server_party(cfg)
+    party, config, hidden_size, row_limits = _build_server_party(cfg)
     server, port = _bind(opts, credentials, logging.getLogger(LOGGER))
     try:
         run_dir = _run_dir(cfg, resume_dir, create=True)
@@ -243,7 +252,7 @@ def serve(
     roster = Roster(
         max_clients=opts.max_clients, min_clients=opts.min_clients, total_steps=cfg.steps,
         committed=lambda: state.ledger.committed, tokens=opts.client_tokens, log=log,
-        turn_timeout=opts.turn_timeout,
+        turn_timeout=opts.turn_timeout, grad_accum=cfg.grad_accum, row_limits=row_limits,
     ) if opts.many_clients else None
     if resume_dir is not None and (loaded := load_latest(run_dir)) is not None:
         committed, state, meta = loaded
@@ -316,8 +325,8 @@ def serve(
             vocab_size=getattr(config, "vocab_size", None),
         ),
         hello_timeout=opts.hello_timeout,
-        # many clients: a session is silent only while its client should be stepping
-        idle_timeout=min(opts.idle_timeout, opts.turn_timeout) if roster else opts.idle_timeout,
+        # many clients: the turn holder's frames wait at most --turn-timeout (see sessions)
+        idle_timeout=opts.idle_timeout,
     )
     if not opts.token and not opts.client_tokens:
         log.warning("no token given: any client that reaches %s may train this model", opts.host)

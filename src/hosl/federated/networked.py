@@ -4,9 +4,11 @@ Each client process reads only its own data (`--train-file`). All of them hold t
 model θ_c, kept identical by update records, never by weights (see docs/many_clients.md and
 `hosl.transport.sessions` for the server's side):
 
-    connect, saying how many log records this θ_c already holds (0: the base model)
+    connect, saying how many log records this θ_c already holds (0: the base model) and their
+    chain digest (`hosl.federated.records.chain`)
     loop: ask for a turn -> replay the records it brings (everyone else's updates, in log order)
-          -> done? stop : one ordinary split step on this client's next batch, at the server's
+          and check the log's length and digest -> a catch-up (records, no turn)? ask again :
+          done? stop : one ordinary split step on this client's next batch, at the server's
           global step -> upload the step's update record (the server appends it to the log)
     evaluate, save the checkpoint (θ_c and its log position), summary.json
 
@@ -14,7 +16,8 @@ The server decides when training ends (its --steps); the last turn answer (`done
 records this client still lacks, so every client ends holding the whole log: bit-identical θ_c.
 A client that joins late starts from the base model and its first turn brings the whole log; a
 client restarted with --resume starts from its checkpoint (θ_c after the log's first `cursor`
-records, saved only once the server had confirmed them) and catches up with the tail.
+records, saved only once the server had confirmed them, with their digest) and catches up with
+the tail; the server refuses it if the log no longer starts with those records.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from hosl.config import TrainConfig, check_split_layer, dump_config
 from hosl.dtypes import DTYPES
 from hosl.errors import ConfigError, Diverged, HoslError, check_finite_update
 from hosl.evaluation import evaluate
-from hosl.federated.records import ClientUpdate, replay
+from hosl.federated.records import LOG_GENESIS, ClientUpdate, chain, replay
 from hosl.models.loading import load_pretrained
 from hosl.models.lora import trainable_bytes
 from hosl.models.split import num_layers
@@ -98,6 +101,7 @@ def train_networked(
         party = run.client
         assert party is not None
         cursor, sync, elapsed = 0, {"down_bytes": 0, "up_bytes": 0, "steps": 0}, 0.0
+        digest = LOG_GENESIS  # the chain digest of the `cursor` records θ_c holds
         loaded = load_latest(resume_dir) if resume_dir is not None else None
         if loaded is not None:
             _, state, meta = loaded
@@ -107,12 +111,17 @@ def train_networked(
                                   f"{meta.get('client_id')}")
             run.load_state_dict(state)
             cursor, sync = int(meta["log_cursor"]), dict(meta["sync"])
+            if cursor and "log_digest" not in meta:
+                raise ConfigError(f"--resume {resume_dir}: this checkpoint does not name the "
+                                  "update records it holds (no log digest); start the client "
+                                  "afresh from the base model (a new --output)")
+            digest = bytes.fromhex(meta["log_digest"]) if cursor else LOG_GENESIS
             elapsed = float(meta.get("wall_seconds", 0.0))
             transport.stats.load(meta.get("wire", {}))
             echo(f"resumed {resume_dir} holding {cursor} update records")
         theta_bytes = trainable_bytes(party.part)
-        transport.client = {"id": cid, "cursor": cursor, "examples": len(train_set),
-                            "theta_bytes": theta_bytes}
+        transport.client = {"id": cid, "cursor": cursor, "digest": digest.hex(),
+                            "examples": len(train_set), "theta_bytes": theta_bytes}
         transport.connect()  # a refused token, id or handshake fails here, before any file
         run_dir = resume_dir or _make_run_dir(cfg, cid)
         (run_dir / "config.yaml").write_text(dump_config(cfg))
@@ -136,17 +145,24 @@ def train_networked(
         bar = tqdm(disable=not progress, desc=f"client {cid}", unit="step")
 
         def save(step: int) -> None:
-            meta = {"log_cursor": cursor, "sync": sync, "client_id": cid,
+            meta = {"log_cursor": cursor, "log_digest": digest.hex(), "sync": sync,
+                    "client_id": cid,
                     "wall_seconds": elapsed + time.perf_counter() - t0,
                     "wire": transport.stats.dump()}
             save_checkpoint(run_dir, step, run.state_dict(), meta)
 
         while True:
             turn, tensors = transport.turn(TURN_WAIT_S)
-            records = _records(turn, tensors)
+            raw = _raw_records(turn, tensors)
+            records = _decoded(raw)
             replay(party.zo, records)  # everyone else's updates since this client's last turn
             cursor += len(records)
-            sync["down_bytes"] += sum(len(r.encode()) for r in records)
+            for encoded in raw:
+                digest = chain(digest, encoded)
+            sync["down_bytes"] += sum(map(len, raw))
+            _check_log(turn.get("log"), turn.get("digest"), cursor, digest)
+            if turn.get("catch_up"):
+                continue  # a late joiner's catch-up, in pieces: the turn comes after it
             if turn.get("done"):
                 report = turn.get("report")
                 step = _count(turn.get("committed"), "step count")  # the server's last step
@@ -167,10 +183,11 @@ def train_networked(
             record = None
             if update is not None:
                 record = dataclasses.replace(update, step=step, client=cid).encode()
-            length = transport.commit(record)
-            cursor += record is not None
-            if length != cursor:
-                raise HoslError(f"the server's log has {length} records, this client {cursor}")
+            length, logged = transport.commit(record)
+            if record is not None:
+                cursor += 1
+                digest = chain(digest, record)
+            _check_log(length, logged, cursor, digest)
             sync["up_bytes"] += len(record or b"")
             sync["steps"] += 1
             times.add(time.perf_counter() - tick, metered=local < cfg.memory_steps)
@@ -224,11 +241,30 @@ def _count(value: Any, what: str) -> int:
     return value
 
 
-def _records(turn: dict[str, Any], tensors: dict[str, torch.Tensor]) -> list[ClientUpdate]:
-    """The catch-up records of a turn reply, decoded; one line of error for anything broken."""
+def _raw_records(turn: dict[str, Any], tensors: dict[str, torch.Tensor]) -> list[bytes]:
+    """The catch-up records of a turn reply, as the wire carried them."""
     try:
-        return [ClientUpdate.decode(raw) for raw in unpack_records(turn.get("sizes"),
-                                                                   tensors.get("records"))]
+        return unpack_records(turn.get("sizes"), tensors.get("records"))
+    except ValueError as err:
+        raise HoslError(f"the server sent update records this client cannot read: {err}") \
+            from None
+
+
+def _decoded(raw: list[bytes]) -> list[ClientUpdate]:
+    """`raw` records decoded; one line of error for anything broken."""
+    try:
+        return [ClientUpdate.decode(record) for record in raw]
     except Exception as err:  # struct.error, ValueError, ...: a record that does not parse
         raise HoslError(f"the server sent an update record this client cannot read: {err}") \
             from None
+
+
+def _check_log(length: Any, logged: Any, cursor: int, digest: bytes) -> None:
+    """This client's θ_c holds `cursor` records with chain digest `digest`: the server's log
+    must say the same (its length and digest there), or the two have parted."""
+    if length != cursor or logged != digest.hex():
+        raise HoslError(
+            f"this client holds {cursor} update records and the server's log {length!r:.20}, "
+            "or their chain digests differ: the two client models have parted; start the client "
+            "afresh from the base model (a new --output)"
+        )

@@ -13,6 +13,11 @@ docs/many_clients.md): its length is the byte count a client uploads or download
 what a client that has applied the first i still lacks, and `state_dict` stores it in a checkpoint
 (one uint8 tensor and its offsets, which `torch.load(weights_only=True)` reads back).
 
+The log's chain digest (`chain`): d_0 = LOG_GENESIS, d_{i+1} = sha256(d_i ‖ record i's encoding).
+d_i names the first i records: a client that keeps it beside its cursor can show a server it holds
+exactly the server's first `cursor` records, and not other records at the same positions (say of
+a server restarted from an older checkpoint that has since logged other clients' steps).
+
 Why not the server's step journal (`hosl.transport.ledger`)? A journal entry is a server reply
 (2Q losses per micro-batch): rebuilding an update from it needs the batch that produced it, since
 the seeds come from the run seed but the rows come from the batch's token ids, and the cut-grad
@@ -22,6 +27,7 @@ client's batch (it does not hold that data), so the log keeps the updates themse
 
 from __future__ import annotations
 
+import hashlib
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -36,6 +42,14 @@ _PAIR = struct.Struct("<Qd")  # seed (uint64), scaled projected gradient (float6
 _GROUP = struct.Struct("<IHI")  # index of the seed among the pairs, name bytes, row count
 
 Rows = Mapping[int, Mapping[str, torch.Tensor]]  # {seed: {tensor name: sorted unique row ids}}
+
+LOG_GENESIS = hashlib.sha256(b"hosl update log").digest()  # the digest of the empty log
+
+
+def chain(digest: bytes, encoded: bytes) -> bytes:
+    """The log's digest after one more record (`encoded`: the record as `ClientUpdate.encode`
+    gives it)."""
+    return hashlib.sha256(digest + encoded).digest()
 
 
 @dataclass(frozen=True)
@@ -106,6 +120,7 @@ class UpdateLog:
         self._records: list[ClientUpdate] = []
         self._sizes: list[int] = []  # encoded bytes of each record
         self._encoded: list[bytes] = []
+        self._chain: list[bytes] = [LOG_GENESIS]  # digest of the first i records, i = 0..len
 
     def __len__(self) -> int:
         return len(self._records)
@@ -117,7 +132,14 @@ class UpdateLog:
             self._records.append(record)
             self._encoded.append(encoded)
             self._sizes.append(len(encoded))
+            self._chain.append(chain(self._chain[-1], encoded))
         return len(self)
+
+    def digest(self, index: int) -> bytes:
+        """The chain digest of the first `index` records."""
+        if not 0 <= index <= len(self):
+            raise IndexError(f"log index {index} outside 0..{len(self)}")
+        return self._chain[index]
 
     def since(self, index: int) -> list[ClientUpdate]:
         """The records a client that has applied the first `index` still lacks."""
@@ -125,9 +147,9 @@ class UpdateLog:
             raise IndexError(f"log index {index} outside 0..{len(self)}")
         return self._records[index:]
 
-    def encoded_since(self, index: int) -> list[bytes]:
-        """`since(index)` as the wire carries it."""
-        return self._encoded[index:]
+    def encoded_since(self, index: int, stop: int | None = None) -> list[bytes]:
+        """`since(index)` (up to record `stop`) as the wire carries it."""
+        return self._encoded[index:stop]
 
     def sized_since(self, index: int) -> list[tuple[ClientUpdate, int]]:
         """`since(index)`, each record with its encoded size."""
@@ -148,6 +170,7 @@ class UpdateLog:
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         data = bytes(state["data"].numpy().tobytes())
         self._records, self._sizes, self._encoded = [], [], []
+        self._chain = [LOG_GENESIS]
         at = 0
         chunks = []
         for size in state["sizes"].tolist():

@@ -152,7 +152,7 @@ class GrpcTransport:
         chunk_bytes: int = CHUNK_BYTES,
         frame_limit: int = DEFAULT_FRAME_LIMIT,
         notify: Callable[[str], None] = _stderr,
-        client: dict[str, int] | None = None,
+        client: dict[str, Any] | None = None,
     ) -> None:
         self.address = address
         self.identity = identity
@@ -174,8 +174,9 @@ class GrpcTransport:
         self._step_requests: list[Any] = []  # this step's earlier micro-batches, for a resend
         # {"peak_bytes", "phase_peaks"} of the server process, from its latest evaluation reply
         self.server_memory: dict[str, Any] | None = None
-        # many clients (hosl.transport.sessions): {"id", "cursor", "examples", "theta_bytes"}
-        # sent with the hello; such a session is not resumed by reconnecting (see `_call`)
+        # many clients (hosl.transport.sessions): {"id", "cursor", "digest", "examples",
+        # "theta_bytes"} sent with the hello; such a session is not resumed by reconnecting
+        # (see `_call`)
         self.client = client
 
     # Session -----------------------------------------------------------------------------
@@ -290,9 +291,9 @@ class GrpcTransport:
         """Wait (up to `timeout` s) for this client's turn: the turn's scalars and tensors."""
         return self._ask("turn", {}, {}, "turn", timeout)
 
-    def commit(self, record: bytes | None) -> int:
+    def commit(self, record: bytes | None) -> tuple[int, Any]:
         """Upload this turn's update record (None: the step changed no client parameter);
-        returns the log's length."""
+        returns the log's length and its chain digest (hex, as the server sent it)."""
         tensors = {}
         if record is not None:
             tensors["record"] = torch.frombuffer(bytearray(record), dtype=torch.uint8)
@@ -300,7 +301,7 @@ class GrpcTransport:
         length = scalars.get("log")
         if not _is_count(length):
             raise HoslError("the server did not confirm the update record")
-        return length
+        return length, scalars.get("digest")
 
     # Transport ---------------------------------------------------------------------------
 

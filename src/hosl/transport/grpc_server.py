@@ -223,7 +223,7 @@ class SplitServicer:
 
     def _next(self, inbox: Inbox, *, hello: bool = False) -> bytes:
         """The next frame, or a refusal naming the timeout that expired."""
-        timeout = self.state.hello_timeout if hello else self.state.idle_timeout
+        timeout = self.state.hello_timeout if hello else self._frame_timeout(inbox)
         try:
             return inbox.next(timeout)
         except InboxClosed:
@@ -237,6 +237,10 @@ class SplitServicer:
             raise _Refuse(grpc.StatusCode.DEADLINE_EXCEEDED, what) from None
         except CodecError as err:
             raise _Refuse(grpc.StatusCode.INVALID_ARGUMENT, f"malformed frame: {err}") from None
+
+    def _frame_timeout(self, inbox: Inbox) -> float:
+        """How long the session waits for its next frame (`hosl.transport.sessions`: per turn)."""
+        return self.state.idle_timeout
 
     def _hello(self, inbox: Inbox) -> dict[str, Any]:
         try:

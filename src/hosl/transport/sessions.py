@@ -4,18 +4,25 @@ Every client holds the same client part θ_c; no parameter crosses the wire. The
 ordered log of every applied client update (`hosl.federated.records`) and hands out turns
 (the sequential schedule, round-robin over the connected clients). One turn, on a client's stream:
 
-    client: turn {}                      server (when it is this client's turn):
-                                             turn {step, local_step, records it lacks}
-    client: replays the records, then sends the step (head + parts, as a one-client session)
+    client: turn {}                      server: a client lacking records gets them at once, no
+                                             turn: catch_up {up to 64 records, log, digest};
+                                             else, when it is this client's turn:
+                                             turn {step, local_step, records it lacks, digest}
+    client: replays the records (checks the log's length and chain digest), then asks again
+            (catch_up) or sends the step (head + parts, as a one-client session)
                                          server: the step's reply (θ_s steps, as ever)
-    client: commit {its update record}   server: committed {log length}; the turn passes on
+    client: commit {its update record}   server: checks the record; committed {log length,
+                                             digest}; the turn passes on
 
 When the server has committed all its steps, a turn request is answered `done` with the last
 records, so every client ends holding the whole log: bit-identical θ_c everywhere.
 
+At join the hello says how many log records the client's θ_c holds and their chain digest: a
+client that holds more records than the log, or other ones, is refused (see `Roster.admit`).
+
 What the server serialises: its own step (the party's lock) and the log and turns (`Roster`'s
 condition). A client waiting for its turn holds neither. A client that leaves (its stream ends)
-or that sends nothing within the turn deadline (`idle_timeout` of the session), or whose turn
+or whose turn is silent for `turn_timeout` (the idle timeout otherwise), or whose turn
 has lasted longer than `turn_timeout` since it was handed out, is dropped: a
 partial server step is discarded, as for a one-client session, and the turn passes on. If it
 leaves after its step was committed on the server but before its record arrived, θ_s keeps that
@@ -24,7 +31,7 @@ decides it.
 
 Who may join: with `--client-tokens` each id has its own token and a session presenting an id
 with another client's token is refused; with one shared token any id is accepted. At most
-`max_clients` sessions at once, one per id.
+`max_clients` sessions at once, one per id, all of one run (the hello's run fingerprint).
 """
 
 from __future__ import annotations
@@ -33,14 +40,14 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import grpc
 import torch
 
-from hosl.federated.records import ClientUpdate
+from hosl.federated.records import LOG_GENESIS, ClientUpdate
 from hosl.federated.sync import ClientBook, RecordSync
 from hosl.transport.codec import CodecError, Limits, decode, encode
 from hosl.transport.framing import HELLO_LIMIT, Reassembler, to_messages
@@ -51,6 +58,13 @@ from hosl.transport.security import presented_token, token_matches
 
 MAX_CLIENT_ID = 1 << 20
 WAIT_TICK_S = 0.5  # how often a waiting turn request looks at the server's stop flag
+# A server keeps a book (log position and bytes) for each client id that ever joined, made when
+# it first joins: at most this many ids per --max-clients slot, whatever the ids' values.
+IDS_PER_SLOT = 16
+# The most records one catch-up answer carries: a long log arrives in pieces, each replayed
+# within the idle timeout, and no message grows with the log.
+CATCH_UP_RECORDS = 64
+_HEX = frozenset("0123456789abcdef")
 
 
 @dataclass(frozen=True, eq=False)  # compared by identity: one object per session
@@ -61,6 +75,8 @@ class ClientHello:
     cursor: int  # the client holds θ_c after the log's first `cursor` records (0: base model)
     examples: int  # the size of its training file (for the report)
     theta_bytes: int  # |θ_c| in bytes (for FedAvg's 2 × |θ_c| in the report)
+    # the chain digest of the `cursor` records it applied (hosl.federated.records.chain), hex
+    digest: str = LOG_GENESIS.hex()
 
     @classmethod
     def parse(cls, value: Any) -> ClientHello:
@@ -76,6 +92,11 @@ class ClientHello:
                 raise _Refuse(grpc.StatusCode.INVALID_ARGUMENT,
                               f"malformed hello: client field {name!r} is not a count")
             fields[name] = v
+        digest = value.get("digest")
+        if not isinstance(digest, str) or len(digest) != 64 or not set(digest) <= _HEX:
+            raise _Refuse(grpc.StatusCode.INVALID_ARGUMENT,
+                          "malformed hello: client field 'digest' is not a sha256 hex digest")
+        fields["digest"] = digest
         if fields["id"] >= MAX_CLIENT_ID:
             raise _Refuse(grpc.StatusCode.INVALID_ARGUMENT,
                           f"client id {fields['id']} is too large (at most {MAX_CLIENT_ID - 1})")
@@ -95,15 +116,18 @@ class Roster:
         tokens: dict[int, str] | None = None,
         log: logging.Logger | None = None,
         turn_timeout: float | None = None,
+        grad_accum: int = 1,
+        row_limits: Mapping[str, int] | None = None,
     ) -> None:
         self.max_clients, self.min_clients, self.total_steps = max_clients, min_clients, total_steps
         self.committed = committed  # the server's committed steps (the ledger's)
         self.tokens = tokens
         self.log = log or logging.getLogger(__name__)
-        self.sync = RecordSync(0)
+        self.sync = RecordSync(0)  # its log; the books are `books` below (by id, made lazily)
         self.cond = threading.Condition()
         # connected clients; a session is its hello object (a rejoining id is a new session)
         self.members: dict[int, ClientHello] = {}
+        self.books: dict[int, ClientBook] = {}  # every client id that joined: its log position
         self.sizes: dict[int, int] = {}  # every client seen: its training examples
         self.theta_bytes = 0
         self.holder: ClientHello | None = None  # the session whose turn it is
@@ -114,6 +138,15 @@ class Roster:
         self.granted_at = 0.0  # time.monotonic() when the holder got its turn
         self.last = -1  # the previous holder: round-robin goes on after it
         self.started = False  # the first turn was handed out (min_clients had joined)
+        # clients replaying a catch-up (see `wait_turn`): round-robin passes them over
+        self.catching_up: set[int] = set()
+        # What a committed record may hold: q · grad_accum (seed, c) pairs (q from `run`), and
+        # row ids only of the client part's embeddings, each below its row count.
+        self.grad_accum = grad_accum
+        self.row_limits = dict(row_limits or {})
+        # the run fingerprint (seed, q, lr, adapter, ...) every admitted client shares; None
+        # until the first client joins (or from the server's checkpoint)
+        self.run: dict[str, Any] | None = None
 
     # Joining and leaving -------------------------------------------------------------------
 
@@ -129,12 +162,10 @@ class Roster:
                 "with its own id and token",
             )
 
-    def book(self, cid: int) -> ClientBook:
-        while len(self.sync.books) <= cid:
-            self.sync.books.append(ClientBook())
-        return self.sync.books[cid]
-
-    def admit(self, hello: ClientHello) -> None:
+    def admit(self, hello: ClientHello, run: dict[str, Any] | None = None) -> None:
+        """Join `hello`'s session: refused unless there is room, its run fingerprint `run` is the
+        admitted clients' (the first clients are compared with each other too) and its θ_c is
+        the log's first `cursor` records (cursor and chain digest)."""
         with self.cond:
             if hello.id in self.members:
                 raise _Refuse(grpc.StatusCode.ALREADY_EXISTS,
@@ -144,17 +175,64 @@ class Roster:
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     f"the server already has {self.max_clients} clients (--max-clients)",
                 )
-            if hello.cursor > len(self.sync.log):
+            if run is not None:
+                self._check_run(run)
+            if hello.id not in self.books and len(self.books) >= IDS_PER_SLOT * self.max_clients:
                 raise _Refuse(
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                    f"the client holds {hello.cursor} records of the update log, the server "
-                    f"{len(self.sync.log)}: it belongs to another run; start it afresh",
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"the server has seen {len(self.books)} client ids ({IDS_PER_SLOT} × "
+                    f"--max-clients); rejoin with an id that trained before",
                 )
-            self.book(hello.id).cursor = hello.cursor
+            self._check_position(hello)
+            if run is not None:
+                self.run = dict(run)
+            self.books.setdefault(hello.id, ClientBook()).cursor = hello.cursor
             self.members[hello.id] = hello
             self.sizes[hello.id] = hello.examples
             self.theta_bytes = hello.theta_bytes
             self.cond.notify_all()
+
+    def _check_run(self, run: dict[str, Any]) -> None:
+        """Every client of one log trains the same run: its records mean the same θ_c only from
+        the same base (adapter, its seed) with the same settings. A fresh server (no client, no
+        record, no step) takes the first client's run; later clients must match it."""
+        fresh = not self.members and len(self.sync.log) == 0 and self.committed() == 0
+        if self.run is None or fresh:
+            return
+        diffs = [
+            f"{key}: server run {self.run.get(key)!r}, client {run.get(key)!r}"
+            for key in sorted(set(self.run) | set(run))
+            if self.run.get(key) != run.get(key)
+        ]
+        if diffs:
+            committed = self.committed()
+            what = (f"the server has committed {committed} steps of another run" if committed
+                    else "the clients already connected train another run")
+            raise _Refuse(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"{what} (" + "; ".join(diffs) + "); use the same settings, or start the "
+                "server with a new --output",
+            )
+
+    def _check_position(self, hello: ClientHello) -> None:
+        """The client's θ_c must be the log's first `cursor` records: never more records than
+        the log holds, and the same ones (the chain digests agree)."""
+        held, cid = len(self.sync.log), hello.id
+        fresh = "start it afresh from the base model (a new --output, without --resume)"
+        if hello.cursor > held:
+            raise _Refuse(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"client {cid} has applied {hello.cursor} records of the update log, the server "
+                f"holds {held}: the server restarted from a checkpoint older than the client's, "
+                f"or the client belongs to another run; {fresh}",
+            )
+        if hello.digest != self.sync.log.digest(hello.cursor).hex():
+            raise _Refuse(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"client {cid}'s first {hello.cursor} update records are not the server's (their "
+                "chain digests differ): it trained ahead of a server that restarted and has "
+                f"since logged other steps, or in another run; {fresh}",
+            )
 
     def holds_turn(self, member: ClientHello) -> bool:
         with self.cond:
@@ -177,6 +255,7 @@ class Roster:
         with self.cond:
             if self.members.get(cid) is member:
                 del self.members[cid]
+                self.catching_up.discard(cid)
             held = self.holder is member
             if held:
                 if self.committed() > self.turn_step:
@@ -192,13 +271,20 @@ class Roster:
     # Turns ---------------------------------------------------------------------------------
 
     def _next_client(self) -> int | None:
-        """Round-robin over the connected clients, after the previous holder."""
-        ids = sorted(self.members)
+        """Round-robin over the connected clients, after the previous holder; a client replaying
+        a catch-up is passed over (it holds no turn, and the others need not wait for it)."""
+        ids = sorted(set(self.members) - self.catching_up)
         later = [i for i in ids if i > self.last]
         return (later or ids or [None])[0]
 
     def wait_turn(self, member: ClientHello, stopping: threading.Event) -> dict[str, Any]:
-        """Block until it is `member`'s turn (or training is over); the turn with its catch-up."""
+        """Block until it is `member`'s turn (or training is over); the turn with its catch-up.
+
+        A client that lacks records when it asks is answered at once, without the turn, with
+        the next `CATCH_UP_RECORDS` of them (`catch_up`); it replays them and asks again. So a
+        late joiner replays a long log holding no turn (the others step meanwhile, and no turn
+        deadline counts the replay); a turn brings only the records logged while its client
+        waited for it, at most one per other client."""
         cid = member.id
         with self.cond:
             if self.holder is member:
@@ -208,6 +294,14 @@ class Roster:
                     f"client {cid} asked for a turn while holding the turn of step "
                     f"{self.turn_step}; send that step and commit it first",
                 )
+            book = self.books[cid]
+            if book.cursor < len(self.sync.log) and self.members.get(cid) is member:
+                self.catching_up.add(cid)
+                self.cond.notify_all()  # the turn may now pass to another client
+                return self._answer(book, done=False, catch_up=True)
+            if cid in self.catching_up:
+                self.catching_up.discard(cid)
+                self.cond.notify_all()
             while True:
                 if self.members.get(cid) is not member:  # its stream ended while it waited
                     raise _Disconnected()
@@ -226,22 +320,33 @@ class Roster:
                         self.started = True
                         break
                 self.cond.wait(WAIT_TICK_S)
-            book = self.book(cid)
-            records = self.sync.log.encoded_since(book.cursor)
-            book.down_bytes += sum(map(len, records))
-            book.cursor = len(self.sync.log)
-            return {
-                "done": done,
-                "step": None if done else self.turn_step,
-                "local_step": book.steps,
-                "records": records,
-                "log": len(self.sync.log),
-                "committed": self.committed(),
-            }
+            if done and len(self.sync.log) - book.cursor > CATCH_UP_RECORDS:
+                return self._answer(book, done=False, catch_up=True)
+            return self._answer(book, done=done, catch_up=False)
+
+    def _answer(self, book: ClientBook, *, done: bool, catch_up: bool) -> dict[str, Any]:
+        """A turn answer carrying the records `book`'s client lacks (a catch-up: at most
+        `CATCH_UP_RECORDS` of them), counted as downloaded; under `cond`."""
+        log = self.sync.log
+        stop = min(len(log), book.cursor + CATCH_UP_RECORDS) if catch_up else len(log)
+        records = log.encoded_since(book.cursor, stop)
+        book.down_bytes += sum(map(len, records))
+        book.cursor = stop
+        return {
+            "done": done,
+            "catch_up": catch_up,
+            "step": None if done or catch_up else self.turn_step,
+            "local_step": book.steps,
+            "records": records,
+            "log": stop,  # the client holds this many records once it replayed these
+            "digest": log.digest(stop).hex(),  # ... with this chain digest
+            "committed": self.committed(),
+        }
 
     def commit(self, member: ClientHello, record: bytes | None) -> int:
         """The holder's step is committed on the server; its record joins the log and the turn
-        passes on. Returns the log's length."""
+        passes on. Returns the log's length. A record that breaks a rule is refused before
+        anything (log, books, turn) changes."""
         cid = member.id
         with self.cond:
             if self.holder is not member:
@@ -259,24 +364,74 @@ class Roster:
                 except Exception as err:  # struct.error, ValueError, ...: it does not parse
                     raise _Refuse(grpc.StatusCode.INVALID_ARGUMENT,
                                   f"malformed update record: {err}") from None
-                problem = _record_problem(update, cid, self.turn_step)
+                problem = self._record_problem(update, record, cid)
                 if problem:
                     raise _Refuse(grpc.StatusCode.INVALID_ARGUMENT, problem)
-            self.sync.commit(cid, update)  # the holder caught up before its step: cursor = end
+            book, log = self.books[cid], self.sync.log
+            if book.cursor != len(log):  # its turn brought the whole log: cannot happen
+                raise RuntimeError(f"client {cid} stepped at log position {book.cursor} of "
+                                   f"{len(log)}")
+            book.steps += 1
+            if update is not None and record is not None:
+                log.append([update])
+                book.up_bytes += len(record)
+                book.cursor = len(log)
             self.holder, self.last = None, cid
             self.cond.notify_all()
-            return len(self.sync.log)
+            return len(log)
+
+    def _record_problem(self, update: ClientUpdate, raw: bytes, cid: int) -> str:
+        """Why the log must not take `update` (every client replays a logged record, for good,
+        so one that would fail or mean something else on replay is refused), or ""."""
+        step = self.turn_step
+        if update.step != step or update.client != cid:
+            return (f"the update record names step {update.step} of client {update.client}, "
+                    f"not step {step} of client {cid}")
+        numbers = [update.lr, update.weight_decay, *(c for _, c in update.coefs)]
+        if not all(math.isfinite(x) for x in numbers):
+            return "the update record holds a number that is not finite"
+        if update.encode() != raw:  # the clients chain the bytes they sent into their digest
+            return "the update record is not in its canonical encoding"
+        run = self.run or {}
+        q = run.get("q")
+        if isinstance(q, int) and len(update.coefs) != q * self.grad_accum:
+            return (f"the update record holds {len(update.coefs)} (seed, coefficient) pairs; a "
+                    f"step of this run has q × grad_accum = {q} × {self.grad_accum}")
+        top = run.get("client_lr")
+        top = float(top) if isinstance(top, (int, float)) else math.inf
+        if not 0.0 <= update.lr <= top:
+            return (f"the update record's learning rate {update.lr!r} is outside 0..{top!r} "
+                    "(the run's client learning rate, which a schedule only lowers)")
+        if update.weight_decay < 0:
+            return f"the update record's weight decay {update.weight_decay!r} is negative"
+        for per_name in (update.rows or {}).values():
+            for name, ids in per_name.items():
+                limit = self.row_limits.get(name)
+                if limit is None:
+                    return (f"the update record has row ids for {name!r:.80}, which is not an "
+                            "embedding of the client part")
+                if ids.numel() and not (
+                    int(ids[0]) >= 0 and int(ids[-1]) < limit and bool((ids[1:] > ids[:-1]).all())
+                ):
+                    return (f"the update record's row ids for {name!r} are not sorted distinct "
+                            f"ids in 0..{limit - 1} (the embedding's rows)")
+        return ""
 
     # Checkpoint and report -----------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
         with self.cond:
-            return {**self.sync.state_dict(), "sizes": dict(self.sizes),
-                    "theta_bytes": self.theta_bytes, "last": self.last}
+            ids = sorted(self.books)
+            return {"log": self.sync.log.state_dict(),
+                    "books": [asdict(self.books[i]) for i in ids], "book_ids": ids,
+                    "sizes": dict(self.sizes), "theta_bytes": self.theta_bytes, "last": self.last}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         with self.cond:
-            self.sync.load_state_dict(state)
+            self.sync.log.load_state_dict(state["log"])
+            books = state["books"]
+            ids = state.get("book_ids", range(len(books)))  # older checkpoints: a list by id
+            self.books = {int(i): ClientBook(**b) for i, b in zip(ids, books)}
             self.sizes = {int(k): int(v) for k, v in state.get("sizes", {}).items()}
             self.theta_bytes = int(state.get("theta_bytes", 0))
             self.last = int(state.get("last", -1))
@@ -284,19 +439,21 @@ class Roster:
 
     def report(self) -> dict[str, Any]:
         """The `clients` block of summary.json, in the in-process run's format (see
-        `FederatedRun.report`); clients that never joined have zero steps."""
+        `FederatedRun.report`), over the client ids that joined, in id order (`ids`)."""
         with self.cond:
-            books = list(self.sync.books)
+            ids = sorted(self.books)
+            books = [self.books[i] for i in ids]
             participations = sum(b.steps for b in books)
             sync_bytes = sum(b.down_bytes + b.up_bytes for b in books)
             return {
                 "n": len(books),
+                "ids": ids,
                 "schedule": "sequential",
                 "order": "round-robin",
                 "fraction": 1.0,
                 "per_round": len(books),
                 "rounds": -(-participations // len(books)) if books else 0,
-                "sizes": [self.sizes.get(i, 0) for i in range(len(books))],
+                "sizes": [self.sizes.get(i, 0) for i in ids],
                 "label_skew": None,  # each client's labels stay on its own machine
                 "log_records": len(self.sync.log),
                 "log_bytes": self.sync.log.nbytes(),
@@ -305,23 +462,13 @@ class Roster:
                 ),
                 "fedavg_bytes_per_client_round": 2 * self.theta_bytes,
                 "per_client": [
-                    {"examples": self.sizes.get(i, 0), "steps": b.steps,
+                    {"id": i, "examples": self.sizes.get(i, 0), "steps": b.steps,
                      "down_bytes": b.down_bytes, "up_bytes": b.up_bytes}
-                    for i, b in enumerate(books)
+                    for i, b in zip(ids, books)
                 ],
                 "eval_accuracy_per_client": None,  # each client's own summary has its accuracy
                 "networked": True,
             }
-
-
-def _record_problem(update: ClientUpdate, cid: int, step: int) -> str:
-    if update.step != step or update.client != cid:
-        return (f"the update record names step {update.step} of client {update.client}, "
-                f"not step {step} of client {cid}")
-    numbers = [update.lr, update.weight_decay, *(c for _, c in update.coefs)]
-    if not all(math.isfinite(x) for x in numbers):
-        return "the update record holds a number that is not finite"
-    return ""
 
 
 def pack_records(records: list[bytes]) -> tuple[list[int], torch.Tensor]:
@@ -357,6 +504,9 @@ class MultiClientServicer(SplitServicer):
         self.on_record = on_record  # called with the server's committed step after each record
         self._leaving = threading.Lock()
         self._left: set[ClientHello] = set()  # sessions ended (ids may come back: new sessions)
+        self._member_of: dict[int, ClientHello] = {}  # id(inbox) -> its session, while it runs
+        if roster.run is None:  # a resumed server's run: its clients' fingerprint
+            roster.run = state.run_fingerprint
 
     def session(self, messages: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
         peer = context.peer()
@@ -370,9 +520,9 @@ class MultiClientServicer(SplitServicer):
                 raise _Refuse(grpc.StatusCode.FAILED_PRECONDITION, f"handshake refused: {problem}")
             client = ClientHello.parse(hello.get("client"))
             self.roster.check_token(client.id, presented_token(context.invocation_metadata()))
-            self._check_run(hello["run"])
-            self.roster.admit(client)
+            self.roster.admit(client, hello["run"])  # compares its run with the others'
             member = client
+            self.state.run_fingerprint = self.roster.run  # what the server's checkpoint keeps
             # A client that vanishes while its session waits for a turn is noticed here: gRPC
             # stops reading a cancelled call's replies, so the wait itself may never return.
             context.add_callback(lambda: self._call_ended(client))
@@ -419,6 +569,25 @@ class MultiClientServicer(SplitServicer):
     def _serve_member(
         self, inbox: Inbox, wire: torch.dtype, run: dict[str, Any], member: ClientHello
     ) -> Iterator[bytes]:
+        self._member_of[id(inbox)] = member
+        try:
+            yield from self._serve_turns(inbox, wire, run, member)
+        finally:
+            del self._member_of[id(inbox)]
+
+    def _frame_timeout(self, inbox: Any) -> float:
+        """A session waits this long for a frame: the turn holder at most --turn-timeout, any
+        other session (between turns, or replaying a catch-up) the idle timeout."""
+        member = self._member_of.get(id(inbox))
+        timeout = self.state.idle_timeout
+        if member is not None and self.roster.turn_timeout is not None and \
+                self.roster.holds_turn(member):
+            timeout = min(timeout, self.roster.turn_timeout)
+        return timeout
+
+    def _serve_turns(
+        self, inbox: Inbox, wire: torch.dtype, run: dict[str, Any], member: ClientHello
+    ) -> Iterator[bytes]:
         cid = member.id
         welcome = {"committed": self.state.ledger.committed, "log": len(self.roster.sync.log),
                    "steps": self.roster.total_steps}
@@ -453,7 +622,8 @@ class MultiClientServicer(SplitServicer):
                     member, None if record is None else record.numpy().tobytes()
                 )
                 self.on_record(self.state.ledger.committed)
-                yield from to_messages(encode("committed", {"log": length}, {}))
+                digest = self.roster.sync.log.digest(length).hex()  # append-only: still this
+                yield from to_messages(encode("committed", {"log": length, "digest": digest}, {}))
             elif kind.endswith("StepRequest") and not self.roster.in_turn(member,
                                                                           scalars.get("step")):
                 # one step per turn: a second one would move θ_s with no record in the log
