@@ -52,6 +52,25 @@ def _model_name(server_name: str) -> str:
     return {"final.norm.weight": "model.norm.weight", "head.weight": "lm_head.weight"}[server_name]
 
 
+def _straight_and_half(
+    model_dir: Path, files: tuple[Path, Path], tmp_path: Path
+) -> tuple[Path, Path]:
+    """A straight 4-step frozen run and one stopped after 2 steps (to be resumed to 4)."""
+    straight, half = tmp_path / "straight", tmp_path / "half"
+    _train(model_dir, files, straight, steps=4)
+    _train(model_dir, files, half, steps=2)
+    return straight, half
+
+
+def _assert_same_server(a: Path, b: Path) -> None:
+    """The two runs' latest server checkpoints hold the same tensors, bit for bit."""
+    expected = _tensors(_latest(a) / "server.safetensors")
+    got = _tensors(_latest(b) / "server.safetensors")
+    assert expected.keys() == got.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(tensor, got[name]), name
+
+
 def test_a_frozen_checkpoint_holds_no_client_parameter(
     tiny_model_dir, sentiment_files, tmp_path
 ) -> None:
@@ -78,15 +97,9 @@ def test_a_frozen_checkpoint_holds_no_client_parameter(
 def test_a_frozen_run_resumes_to_the_straight_runs_bits(
     tiny_model_dir, sentiment_files, tmp_path
 ) -> None:
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    _train(tiny_model_dir, sentiment_files, straight, steps=4)
-    _train(tiny_model_dir, sentiment_files, resumed, steps=2)
+    straight, resumed = _straight_and_half(tiny_model_dir, sentiment_files, tmp_path)
     _resume(resumed, steps=4)
-    a, b = _latest(straight), _latest(resumed)
-    expected, got = _tensors(a / "server.safetensors"), _tensors(b / "server.safetensors")
-    assert expected.keys() == got.keys()
-    for name, tensor in expected.items():
-        assert torch.equal(tensor, got[name]), name
+    _assert_same_server(straight, resumed)
     # steps 3 and 4 ran on a client rebuilt from the pretrained model: same activations, losses
     losses = _losses(straight)
     assert sorted(losses) == [1, 2, 3, 4] and _losses(resumed) == losses
@@ -98,9 +111,7 @@ def test_a_checkpoint_that_holds_the_frozen_client_still_resumes(
     tiny_model_dir, sentiment_files, tmp_path
 ) -> None:
     """Checkpoints written before a frozen client stored nothing hold its whole part."""
-    straight, old = tmp_path / "straight", tmp_path / "old"
-    _train(tiny_model_dir, sentiment_files, straight, steps=4)
-    _train(tiny_model_dir, sentiment_files, old, steps=2)
+    straight, old = _straight_and_half(tiny_model_dir, sentiment_files, tmp_path)
     step = _latest(old)
     state = read_checkpoint(step)
     assert state["client"]["part"] == {}
@@ -113,9 +124,7 @@ def test_a_checkpoint_that_holds_the_frozen_client_still_resumes(
     assert len(_tensors(step / "client.safetensors")) == 10
     _resume(old, steps=4)
     assert _losses(old) == _losses(straight)
-    expected, got = _tensors(_latest(straight) / "server.safetensors"), _tensors(
-        _latest(old) / "server.safetensors")
-    assert all(torch.equal(t, got[n]) for n, t in expected.items())
+    _assert_same_server(straight, old)
     assert _tensors(_latest(old) / "client.safetensors") == {}  # its next checkpoint: nothing
 
 
