@@ -38,6 +38,7 @@ from hosl.config import (
 )
 from hosl.dtypes import DTYPES
 from hosl.errors import ConfigError
+from hosl.federated.schedule import networked_schedule_problem
 from hosl.models.loading import load_pretrained
 from hosl.models.split import num_layers
 from hosl.parties.server import ServerParty
@@ -228,11 +229,10 @@ def serve(
 ) -> int:
     """Run the server until `stop` is set or SIGTERM/SIGINT arrives; returns the committed step."""
     _check_listen(opts)
-    if opts.many_clients and cfg.clients.schedule != "sequential":
-        raise ConfigError(
-            f"clients.schedule {cfg.clients.schedule}: networked clients take turns "
-            "(sequential); the parallel schedule runs in process only (hosl train --clients N)"
-        )
+    c = cfg.clients
+    if opts.many_clients and (problem := networked_schedule_problem(
+            c.schedule, c.order, c.fraction)):
+        raise ConfigError(problem)
     credentials = server_credentials(opts.tls_cert, opts.tls_key)
     _run_dir(cfg, resume_dir)  # a non-empty --output is refused before the model loads
     torch.manual_seed(cfg.seed)

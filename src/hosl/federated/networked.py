@@ -41,6 +41,7 @@ from hosl.dtypes import DTYPES
 from hosl.errors import ConfigError, Diverged, HoslError, check_finite_update
 from hosl.evaluation import evaluate
 from hosl.federated.records import LOG_GENESIS, ClientUpdate, chain, replay
+from hosl.federated.schedule import networked_schedule_problem
 from hosl.models.loading import load_pretrained
 from hosl.models.lora import trainable_bytes
 from hosl.models.split import num_layers
@@ -63,11 +64,9 @@ def check_networked(cfg: TrainConfig) -> None:
             "--client-id makes this process one client of a many-client `hosl serve`, holding "
             "its own data (--train-file); drop --clients"
         )
-    if cfg.clients.schedule != "sequential":
-        raise ConfigError(
-            f"clients.schedule {cfg.clients.schedule}: networked clients take turns "
-            "(sequential); the parallel schedule runs in process only (hosl train --clients N)"
-        )
+    c = cfg.clients
+    if problem := networked_schedule_problem(c.schedule, c.order, c.fraction):
+        raise ConfigError(problem)
     if cfg.mode not in RECORD_MODES:
         raise ConfigError(
             f"--client-id needs a client whose update is a record ({', '.join(RECORD_MODES)}), "

@@ -20,6 +20,20 @@ from hosl.zo.seeds import tensor_seed
 ORDERS = ("round-robin", "sampled")
 
 
+def networked_schedule_problem(schedule: str, order: str, fraction: float) -> str:
+    """Why `hosl serve` / `hosl client` cannot run this schedule, or "": over the network clients
+    take turns round-robin over whichever clients are connected (the sequential schedule, every
+    client in every round); parallel rounds and sampled or partial rounds run in process only."""
+    if schedule != "sequential":
+        return (f"clients.schedule {schedule}: networked clients take turns (sequential); the "
+                "parallel schedule runs in process only (hosl train --clients N)")
+    if order != "round-robin" or fraction != 1.0:
+        return (f"clients.order {order} with clients.fraction {fraction}: networked clients take "
+                "turns round-robin over the connected clients, every client each round; sampled "
+                "or partial rounds run in process only (hosl train --clients N)")
+    return ""
+
+
 @dataclass(frozen=True)
 class ClientSchedule:
     n: int
