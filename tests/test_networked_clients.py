@@ -479,6 +479,27 @@ def test_a_session_without_the_turn_cannot_discard_the_holders_partial_step() ->
         _serve(servicer, m0, encode("turn", {}, {}))
 
 
+def test_a_commit_after_the_turn_deadline_lands_when_its_step_was_applied() -> None:
+    """The server applied the holder's step inside the deadline and its commit arrives just
+    after: refusing it would leave θ_s a step that no client's log holds. A step not yet applied
+    is refused as before."""
+    stub = _StubServer()
+    applied = {"steps": 0}
+    roster = Roster(max_clients=2, min_clients=2, total_steps=5, committed=lambda: applied["steps"])
+    servicer = MultiClientServicer(stub, roster)
+    m0, m1 = ClientHello(0, 0, 5, 64), ClientHello(1, 0, 5, 64)
+    roster.admit(m0)
+    roster.admit(m1)
+    assert roster.wait_turn(m0, stub.stopping)["step"] == 0
+    roster.turn_timeout = 0.0  # the deadline has passed
+    with pytest.raises(_Refuse, match="longer than --turn-timeout"):
+        _serve(servicer, m0, encode("commit", {}, {}))  # its step is not applied: refused
+    assert roster.holder is m0 and roster.books[0].steps == 0
+    applied["steps"] = 1  # the server step is applied; the commit is late
+    _serve(servicer, m0, encode("commit", {}, {}))
+    assert roster.holder is None and roster.books[0].steps == 1  # committed; the turn passes
+
+
 def test_the_end_of_call_callback_never_waits_for_the_step_lock() -> None:
     """gRPC runs it on the thread that delivers every stream's frames: waiting there for a step
     in progress (which waits for its frames) would stall the holder until it timed out."""

@@ -21,7 +21,9 @@ from typing import Any
 from transformers import PretrainedConfig
 
 # 2: perturbed activations travel as differences (hosl.protocol); ZO-ZO steps carry weight decay.
-PROTOCOL_VERSION = 2
+# 3: many clients: the hello carries the update log's chain digest, turn and commit answers carry
+#    (log length, digest), and a lagging client gets catch-up answers outside its turn.
+PROTOCOL_VERSION = 3
 
 # Config entries that describe how a model was saved or is run, not what it computes.
 _VOLATILE_KEYS = frozenset(

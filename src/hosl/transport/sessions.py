@@ -249,6 +249,11 @@ class Roster:
             return (self.holder is member and self.turn_timeout is not None
                     and time.monotonic() - self.granted_at > self.turn_timeout)
 
+    def step_applied(self, member: ClientHello) -> bool:
+        """`member` holds the turn and the server has applied its step (its commit is due)."""
+        with self.cond:
+            return self.holder is member and self.committed() > self.turn_step
+
     def leave(self, member: ClientHello) -> bool:
         """`member`'s session ended; True if it held the turn (its partial step must go)."""
         cid = member.id
@@ -604,7 +609,11 @@ class MultiClientServicer(SplitServicer):
                 raise _Refuse(
                     grpc.StatusCode.INVALID_ARGUMENT, f"malformed message: {err}"
                 ) from None
-            if self.roster.overtime(member):  # its partial step is discarded as it leaves
+            # its partial step is discarded as it leaves; a commit whose server step is already
+            # applied still lands (refusing it would leave θ_s a step no client's log holds)
+            if self.roster.overtime(member) and not (
+                kind == "commit" and self.roster.step_applied(member)
+            ):
                 raise _Refuse(
                     grpc.StatusCode.DEADLINE_EXCEEDED,
                     f"client {cid} held its turn longer than --turn-timeout "
