@@ -494,10 +494,27 @@ def test_a_commit_after_the_turn_deadline_lands_when_its_step_was_applied() -> N
     roster.turn_timeout = 0.0  # the deadline has passed
     with pytest.raises(_Refuse, match="longer than --turn-timeout"):
         _serve(servicer, m0, encode("commit", {}, {}))  # its step is not applied: refused
-    assert roster.holder is m0 and roster.books[0].steps == 0
+    assert roster.holder is m0 and roster.books[0].steps == 0 and not roster.commit_due()
     applied["steps"] = 1  # the server step is applied; the commit is late
+    assert roster.commit_due()  # θ_s is a step ahead of the log: no checkpoint now (serve.py)
     _serve(servicer, m0, encode("commit", {}, {}))
     assert roster.holder is None and roster.books[0].steps == 1  # committed; the turn passes
+    assert not roster.commit_due()
+
+
+def test_the_holders_frame_wait_is_what_is_left_of_its_turn() -> None:
+    """A turn of many frames must end at its deadline: the holder waits for each frame only
+    what is left of its turn, every other session the idle timeout."""
+    stub, roster, servicer, m0, m1 = _two_sessions_first_holds_the_turn()
+    roster.turn_timeout = 30.0  # more than the idle timeout (5 s) until it is nearly over
+    inbox0, inbox1 = object(), object()
+    servicer._member_of[id(inbox0)], servicer._member_of[id(inbox1)] = m0, m1
+    assert servicer._frame_timeout(inbox0) == servicer._frame_timeout(inbox1) == 5.0
+    roster.granted_at -= 28.0  # 28 s of the turn gone: 2 s left
+    assert 1.0 < servicer._frame_timeout(inbox0) <= 2.0
+    assert servicer._frame_timeout(inbox1) == 5.0
+    roster.granted_at -= 10.0  # over time: the next frame is read at once, then refused
+    assert servicer._frame_timeout(inbox0) == 0.05
 
 
 def test_the_end_of_call_callback_never_waits_for_the_step_lock() -> None:
@@ -691,6 +708,12 @@ def test_books_are_made_for_the_ids_that_join_and_their_number_is_bounded() -> N
     restarted = Roster(max_clients=2, min_clients=1, total_steps=4, committed=lambda: 0)
     restarted.load_state_dict(roster.state_dict())
     assert restarted.books == roster.books and restarted.report() == roster.report()
+    # an older checkpoint kept a list indexed by id: ids 0 and 5 joined, 1..4 are empty fillers
+    older = {"log": roster.state_dict()["log"], "sizes": {"0": 5, "5": 7}, "last": 5,
+             "books": [{"cursor": 0, "down_bytes": 0, "up_bytes": 0, "steps": 2}]
+             + [{"cursor": 0, "down_bytes": 0, "up_bytes": 0, "steps": 0}] * 5}
+    restarted.load_state_dict(older)
+    assert sorted(restarted.books) == [0, 5] and restarted.books[0].steps == 2
 
 
 def test_a_real_server_compares_the_first_clients_with_each_other_and_checks_digests() -> None:

@@ -273,6 +273,11 @@ def serve(
 
     def checkpoint(reason: str) -> None:
         with state.lock:  # a whole step (sessions apply theirs under it)
+            if roster is not None and reason != "shutdown" and roster.commit_due():
+                # θ_s holds the turn's step, the log not yet its record: a restart from this
+                # pair would lose the record for good. A later checkpoint (every N steps, the
+                # next session's end, shutdown) saves the pair whole.
+                return
             step = state.ledger.committed
             records = len(roster.sync.log) if roster else 0
             if (step, records) == (saved["step"], saved["log"]) and (

@@ -249,10 +249,24 @@ class Roster:
             return (self.holder is member and self.turn_timeout is not None
                     and time.monotonic() - self.granted_at > self.turn_timeout)
 
+    def turn_left(self, member: ClientHello) -> float | None:
+        """Seconds left of `member`'s turn (negative once over), or None: it holds no turn, or
+        turns have no deadline."""
+        with self.cond:
+            if self.holder is not member or self.turn_timeout is None:
+                return None
+            return self.turn_timeout - (time.monotonic() - self.granted_at)
+
     def step_applied(self, member: ClientHello) -> bool:
         """`member` holds the turn and the server has applied its step (its commit is due)."""
         with self.cond:
             return self.holder is member and self.committed() > self.turn_step
+
+    def commit_due(self) -> bool:
+        """A holder's step is applied on the server and its record is not in the log yet: θ_s
+        is a step ahead of the log until the commit arrives (or the holder leaves)."""
+        with self.cond:
+            return self.holder is not None and self.committed() > self.turn_step
 
     def leave(self, member: ClientHello) -> bool:
         """`member`'s session ended; True if it held the turn (its partial step must go)."""
@@ -435,9 +449,13 @@ class Roster:
         with self.cond:
             self.sync.log.load_state_dict(state["log"])
             books = state["books"]
-            ids = state.get("book_ids", range(len(books)))  # older checkpoints: a list by id
-            self.books = {int(i): ClientBook(**b) for i, b in zip(ids, books)}
             self.sizes = {int(k): int(v) for k, v in state.get("sizes", {}).items()}
+            if "book_ids" in state:
+                self.books = {int(i): ClientBook(**b) for i, b in zip(state["book_ids"], books)}
+            else:  # older checkpoints: a list by id, with an empty book for every id below the
+                # highest that joined; keep the ids that did join (IDS_PER_SLOT, the report)
+                self.books = {i: ClientBook(**b) for i, b in enumerate(books)
+                              if i in self.sizes or ClientBook(**b) != ClientBook()}
             self.theta_bytes = int(state.get("theta_bytes", 0))
             self.last = int(state.get("last", -1))
             self.started = len(self.sync.log) > 0
@@ -584,11 +602,11 @@ class MultiClientServicer(SplitServicer):
         """A session waits this long for a frame: the turn holder at most --turn-timeout, any
         other session (between turns, or replaying a catch-up) the idle timeout."""
         member = self._member_of.get(id(inbox))
-        timeout = self.state.idle_timeout
-        if member is not None and self.roster.turn_timeout is not None and \
-                self.roster.holds_turn(member):
-            timeout = min(timeout, self.roster.turn_timeout)
-        return timeout
+        left = None if member is None else self.roster.turn_left(member)
+        # what is left of the turn, not a whole --turn-timeout per frame (a turn of many frames
+        # would otherwise outlast its deadline); never 0, so a frame due now is still read
+        return self.state.idle_timeout if left is None else min(self.state.idle_timeout,
+                                                                 max(left, 0.05))
 
     def _serve_turns(
         self, inbox: Inbox, wire: torch.dtype, run: dict[str, Any], member: ClientHello
