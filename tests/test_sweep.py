@@ -199,6 +199,23 @@ def test_directory_without_checkpoint_is_restarted(tiny_model_dir, sentiment_fil
         plan_sweep(sweep, output_root=out)
 
 
+def test_an_interrupted_many_client_run_is_restarted(tiny_model_dir, sentiment_files,
+                                                     tmp_path) -> None:
+    """A many-client run writes its clients' data (`clients/`) first: a sweep stopped before the
+    run finished must restart it, not refuse the directory as someone else's."""
+    spec = {"base": _base(tiny_model_dir, sentiment_files, clients={"n": 2}), "runs": [{"seed": 1}]}
+    sweep, out = _write(tmp_path / "s.yaml", spec), tmp_path / "out"
+    run_sweep(sweep, dry_run=False, output_root=out, echo=lambda _: None, progress=False)
+    run_dir = out / "seed=1"
+    assert (run_dir / "clients" / "partition.json").is_file()
+    for end in ("summary.json", "predictions.jsonl"):  # what a run writes when it finishes
+        (run_dir / end).unlink()
+    shutil.rmtree(run_dir / "checkpoints")  # stopped before its first checkpoint
+    assert plan_sweep(sweep, output_root=out).runs[0].action == "restart"
+    run_sweep(sweep, dry_run=False, output_root=out, echo=lambda _: None, progress=False)
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 2
+
+
 @pytest.mark.parametrize(
     "grid,needle",
     [

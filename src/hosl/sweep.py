@@ -44,7 +44,11 @@ from hosl.results import collect, flatten, write_results
 
 SWEEP_KEYS = ("name", "output_root", "keep_checkpoints", "base", "set", "grid", "runs")
 # What a crashed run can leave behind; anything else in its directory is not ours to delete.
-RUN_ARTEFACTS = ("config.yaml", "metrics.jsonl", "predictions.jsonl", "checkpoints", "error.log")
+# What a run writes in its directory (`clients`: a many-client run's data, written first), so a
+# directory holding only these is a run this sweep may restart.
+RUN_ARTEFACTS = (
+    "config.yaml", "metrics.jsonl", "predictions.jsonl", "checkpoints", "error.log", "clients"
+)
 MAX_NAME = 100
 
 
