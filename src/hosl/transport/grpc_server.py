@@ -229,11 +229,8 @@ class SplitServicer:
         except InboxClosed:
             raise _Disconnected() from None
         except InboxTimeout:
-            what = (
-                f"no hello within {timeout:g} s"
-                if hello
-                else f"the session was idle for {timeout:g} s and was closed; reconnect to go on"
-            )
+            what = f"no hello within {timeout:g} s" if hello else self._timeout_message(inbox,
+                                                                                         timeout)
             raise _Refuse(grpc.StatusCode.DEADLINE_EXCEEDED, what) from None
         except CodecError as err:
             raise _Refuse(grpc.StatusCode.INVALID_ARGUMENT, f"malformed frame: {err}") from None
@@ -241,6 +238,10 @@ class SplitServicer:
     def _frame_timeout(self, inbox: Inbox) -> float:
         """How long the session waits for its next frame (`hosl.transport.sessions`: per turn)."""
         return self.state.idle_timeout
+
+    def _timeout_message(self, inbox: Inbox, timeout: float) -> str:
+        """Why a session that sent no frame within `timeout` seconds is closed."""
+        return f"the session was idle for {timeout:g} s and was closed; reconnect to go on"
 
     def _hello(self, inbox: Inbox) -> dict[str, Any]:
         try:

@@ -599,14 +599,22 @@ class MultiClientServicer(SplitServicer):
             del self._member_of[id(inbox)]
 
     def _frame_timeout(self, inbox: Any) -> float:
-        """A session waits this long for a frame: the turn holder at most --turn-timeout, any
-        other session (between turns, or replaying a catch-up) the idle timeout."""
+        """A session waits this long for a frame: the turn holder at most what is left of its
+        turn, any other session (between turns, or replaying a catch-up) the idle timeout."""
         member = self._member_of.get(id(inbox))
         left = None if member is None else self.roster.turn_left(member)
         # what is left of the turn, not a whole --turn-timeout per frame (a turn of many frames
         # would otherwise outlast its deadline); never 0, so a frame due now is still read
         return self.state.idle_timeout if left is None else min(self.state.idle_timeout,
                                                                  max(left, 0.05))
+
+    def _timeout_message(self, inbox: Any, timeout: float) -> str:
+        member = self._member_of.get(id(inbox))
+        if member is not None and self.roster.turn_left(member) is not None \
+                and timeout < self.state.idle_timeout:  # the turn's deadline ran out
+            return (f"client {member.id} sent nothing more before its turn's deadline "
+                    f"(--turn-timeout {self.roster.turn_timeout:g} s); the turn passes on")
+        return super()._timeout_message(inbox, timeout)
 
     def _serve_turns(
         self, inbox: Inbox, wire: torch.dtype, run: dict[str, Any], member: ClientHello
