@@ -229,9 +229,7 @@ def serve(
 ) -> int:
     """Run the server until `stop` is set or SIGTERM/SIGINT arrives; returns the committed step."""
     _check_listen(opts)
-    c = cfg.clients
-    if opts.many_clients and (problem := networked_schedule_problem(
-            c.schedule, c.order, c.fraction)):
+    if opts.many_clients and (problem := networked_schedule_problem(cfg.clients)):
         raise ConfigError(problem)
     credentials = server_credentials(opts.tls_cert, opts.tls_key)
     _run_dir(cfg, resume_dir)  # a non-empty --output is refused before the model loads

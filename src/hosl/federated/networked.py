@@ -64,8 +64,7 @@ def check_networked(cfg: TrainConfig) -> None:
             "--client-id makes this process one client of a many-client `hosl serve`, holding "
             "its own data (--train-file); drop --clients"
         )
-    c = cfg.clients
-    if problem := networked_schedule_problem(c.schedule, c.order, c.fraction):
+    if problem := networked_schedule_problem(cfg.clients):
         raise ConfigError(problem)
     if cfg.mode not in RECORD_MODES:
         raise ConfigError(

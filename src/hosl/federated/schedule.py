@@ -12,18 +12,23 @@ import threading
 from bisect import bisect_left
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from hosl.zo.seeds import tensor_seed
 
+if TYPE_CHECKING:
+    from hosl.config import ClientsConfig
+
 ORDERS = ("round-robin", "sampled")
 
 
-def networked_schedule_problem(schedule: str, order: str, fraction: float) -> str:
+def networked_schedule_problem(clients: ClientsConfig) -> str:
     """Why `hosl serve` / `hosl client` cannot run this schedule, or "": over the network clients
     take turns round-robin over whichever clients are connected (the sequential schedule, every
     client in every round); parallel rounds and sampled or partial rounds run in process only."""
+    schedule, order, fraction = clients.schedule, clients.order, clients.fraction
     if schedule != "sequential":
         return (f"clients.schedule {schedule}: networked clients take turns (sequential); the "
                 "parallel schedule runs in process only (hosl train --clients N)")

@@ -259,8 +259,8 @@ class Roster:
 
     def step_applied(self, member: ClientHello) -> bool:
         """`member` holds the turn and the server has applied its step (its commit is due)."""
-        with self.cond:
-            return self.holder is member and self.committed() > self.turn_step
+        with self.cond:  # (re-entrant: commit_due takes it again)
+            return self.holder is member and self.commit_due()
 
     def commit_due(self) -> bool:
         """A holder's step is applied on the server and its record is not in the log yet: θ_s
