@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import sys
 import time
-import warnings
 from datetime import timedelta
 from pathlib import Path
 
@@ -36,7 +35,8 @@ from hosl.protocol import FoStepRequest
 
 SHARDS = (3, 2)  # examples on rank 0 and rank 1
 LENGTH, STEPS, LR = 8, 2, 0.5
-TIMEOUT_S = 60.0  # generous for a loaded 2-core machine; a healthy run takes a few seconds
+TIMEOUT_S = 60.0  # per collective; a healthy run takes a few seconds once started
+START_S = 120.0  # two fresh interpreters importing torch on a loaded 2-core machine
 
 
 def _shard(step: int, rank: int) -> Batch:
@@ -93,19 +93,17 @@ def _rank(rank: int, world: int, init_file: str, out: str) -> None:
 
 
 def _run_ranks(tmp_path: Path, world: int = 2) -> list[dict]:
-    # fork: the ranks inherit the imported torch and transformers, and start in about a second
-    # where spawn re-imports them (tens of seconds on a loaded 2-core machine). Each rank sets
-    # one intra-op thread before any torch work, and the deadline below catches a hung one.
-    # Python 3.12+ warns about fork in a process with threads; that is the risk just covered.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        ctx = mp.start_processes(_rank, args=(world, str(tmp_path / "init"), str(tmp_path)),
-                                 nprocs=world, join=False, start_method="fork")
-    deadline = time.monotonic() + TIMEOUT_S
+    # spawn, not fork: a pytest-xdist worker that forks carries whatever earlier tests left
+    # running in it (gRPC servers' threads, OpenMP pools), and a forked rank hung on that in CI.
+    # A spawned rank starts a fresh interpreter and re-imports torch (seconds, tens of seconds on
+    # a loaded 2-core machine: hence the start allowance in the deadline below).
+    ctx = mp.start_processes(_rank, args=(world, str(tmp_path / "init"), str(tmp_path)),
+                             nprocs=world, join=False, start_method="spawn")
+    deadline = time.monotonic() + START_S + TIMEOUT_S
     try:
         while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
             if time.monotonic() > deadline:
-                raise TimeoutError(f"the {world} ranks did not finish in {TIMEOUT_S} s")
+                raise TimeoutError(f"the {world} ranks did not finish in {START_S + TIMEOUT_S} s")
     finally:
         for process in ctx.processes:
             if process.is_alive():
@@ -128,7 +126,7 @@ def _one_process() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
 
 
 @pytest.mark.skipif(not dist.is_available() or sys.platform != "linux",
-                    reason="needs torch.distributed with gloo, fork and the loopback device lo")
+                    reason="needs torch.distributed with gloo and the loopback device lo")
 def test_two_ranks_end_at_the_parameters_of_one_process(tmp_path) -> None:
     ranks = _run_ranks(tmp_path)
     params, grads = _one_process()
