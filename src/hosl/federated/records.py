@@ -128,11 +128,16 @@ class UpdateLog:
     def append(self, records: Iterable[ClientUpdate]) -> int:
         """Add records in order; returns the new length."""
         for record in records:
-            encoded = record.encode()
-            self._records.append(record)
-            self._encoded.append(encoded)
-            self._sizes.append(len(encoded))
-            self._chain.append(chain(self._chain[-1], encoded))
+            self.append_encoded(record, record.encode())
+        return len(self)
+
+    def append_encoded(self, record: ClientUpdate, encoded: bytes) -> int:
+        """Add one record whose canonical encoding the caller already holds (`record.encode()`,
+        as a server that checked a client's bytes has it); returns the new length."""
+        self._records.append(record)
+        self._encoded.append(encoded)
+        self._sizes.append(len(encoded))
+        self._chain.append(chain(self._chain[-1], encoded))
         return len(self)
 
     def digest(self, index: int) -> bytes:

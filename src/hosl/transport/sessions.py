@@ -392,7 +392,7 @@ class Roster:
                                    f"{len(log)}")
             book.steps += 1
             if update is not None and record is not None:
-                log.append([update])
+                log.append_encoded(update, bytes(record))  # = update.encode(): checked above
                 book.up_bytes += len(record)
                 book.cursor = len(log)
             self.holder, self.last = None, cid
