@@ -251,6 +251,7 @@ def serve(
         max_clients=opts.max_clients, min_clients=opts.min_clients, total_steps=cfg.steps,
         committed=lambda: state.ledger.committed, tokens=opts.client_tokens, log=log,
         turn_timeout=opts.turn_timeout, grad_accum=cfg.grad_accum, row_limits=row_limits,
+        order=cfg.clients.order, fraction=cfg.clients.fraction, seed=cfg.seed,
     ) if opts.many_clients else None
     if resume_dir is not None and (loaded := load_latest(run_dir)) is not None:
         committed, state, meta = loaded

@@ -66,6 +66,12 @@ def check_networked(cfg: TrainConfig) -> None:
         )
     if problem := networked_schedule_problem(cfg.clients):
         raise ConfigError(problem)
+    if (cfg.clients.order, cfg.clients.fraction) != ("round-robin", 1.0):
+        raise ConfigError(
+            f"clients.order {cfg.clients.order} / clients.fraction {cfg.clients.fraction}: the "
+            "server hands out the turns, so set them on `hosl serve` (--set clients.order=..., "
+            "--set clients.fraction=...), not on a client"
+        )
     if cfg.mode not in RECORD_MODES:
         raise ConfigError(
             f"--client-id needs a client whose update is a record ({', '.join(RECORD_MODES)}), "

@@ -25,17 +25,13 @@ ORDERS = ("round-robin", "sampled")
 
 
 def networked_schedule_problem(clients: ClientsConfig) -> str:
-    """Why `hosl serve` / `hosl client` cannot run this schedule, or "": over the network clients
-    take turns round-robin over whichever clients are connected (the sequential schedule, every
-    client in every round); parallel rounds and sampled or partial rounds run in process only."""
-    schedule, order, fraction = clients.schedule, clients.order, clients.fraction
-    if schedule != "sequential":
-        return (f"clients.schedule {schedule}: networked clients take turns (sequential); the "
-                "parallel schedule runs in process only (hosl train --clients N)")
-    if order != "round-robin" or fraction != 1.0:
-        return (f"clients.order {order} with clients.fraction {fraction}: networked clients take "
-                "turns round-robin over the connected clients, every client each round; sampled "
-                "or partial rounds run in process only (hosl train --clients N)")
+    """Why `hosl serve` cannot run this schedule, or "": over the network clients take turns
+    (the sequential schedule) over whichever clients are connected, all of them in turn or in
+    rounds drawing some of them (`clients.order`, `clients.fraction`: the server's settings);
+    the parallel schedule runs in process only."""
+    if clients.schedule != "sequential":
+        return (f"clients.schedule {clients.schedule}: networked clients take turns "
+                "(sequential); the parallel schedule runs in process only (hosl train --clients N)")
     return ""
 
 

@@ -2,7 +2,8 @@
 
 Every client holds the same client part θ_c; no parameter crosses the wire. The server keeps the
 ordered log of every applied client update (`hosl.federated.records`) and hands out turns
-(the sequential schedule, round-robin over the connected clients). One turn, on a client's stream:
+(the sequential schedule: round-robin over the connected clients, or in rounds that each draw
+some of them, `clients.order sampled` / `clients.fraction`). One turn, on a client's stream:
 
     client: turn {}                      server: a client lacking records gets them at once, no
                                              turn: catch_up {up to 64 records, log, digest};
@@ -45,6 +46,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import grpc
+import numpy as np
 import torch
 
 from hosl.federated.records import LOG_GENESIS, ClientUpdate
@@ -55,6 +57,7 @@ from hosl.transport.grpc_server import ServerState, SplitServicer, _Disconnected
 from hosl.transport.handshake import mismatches
 from hosl.transport.inbox import Inbox
 from hosl.transport.security import presented_token, token_matches
+from hosl.zo.seeds import tensor_seed
 
 MAX_CLIENT_ID = 1 << 20
 WAIT_TICK_S = 0.5  # how often a waiting turn request looks at the server's stop flag
@@ -118,6 +121,9 @@ class Roster:
         turn_timeout: float | None = None,
         grad_accum: int = 1,
         row_limits: Mapping[str, int] | None = None,
+        order: str = "round-robin",
+        fraction: float = 1.0,
+        seed: int = 0,
     ) -> None:
         self.max_clients, self.min_clients, self.total_steps = max_clients, min_clients, total_steps
         self.committed = committed  # the server's committed steps (the ledger's)
@@ -140,6 +146,13 @@ class Roster:
         self.started = False  # the first turn was handed out (min_clients had joined)
         # clients replaying a catch-up (see `wait_turn`): round-robin passes them over
         self.catching_up: set[int] = set()
+        # Rounds (`clients.order sampled` or `clients.fraction` below 1; see `_round_plan`): each
+        # round draws its clients from those that can step when it begins. None: plain turns,
+        # round-robin over every connected client.
+        self.rounds = None if order == "round-robin" and fraction == 1.0 else (order, fraction)
+        self.seed = seed
+        self.round = 0  # rounds drawn so far
+        self.round_left: list[int] = []  # the current round's clients that have not stepped
         # What a committed record may hold: q · grad_accum (seed, c) pairs (q from `run`), and
         # row ids only of the client part's embeddings, each below its row count.
         self.grad_accum = grad_accum
@@ -291,10 +304,43 @@ class Roster:
 
     def _next_client(self) -> int | None:
         """Round-robin over the connected clients, after the previous holder; a client replaying
-        a catch-up is passed over (it holds no turn, and the others need not wait for it)."""
+        a catch-up is passed over (it holds no turn, and the others need not wait for it).
+        With rounds: the next client of the round (`_round_plan`)."""
         ids = sorted(set(self.members) - self.catching_up)
+        if self.rounds is not None:
+            return (self._round_plan(ids)[0] or [None])[0]
         later = [i for i in ids if i > self.last]
         return (later or ids or [None])[0]
+
+    def _round_plan(self, ready: list[int]) -> tuple[list[int], bool]:
+        """The clients of the current round that may still step, in order, of `ready` (the
+        connected clients not replaying a catch-up, sorted); when none is left, the next round's
+        draw, and True. A drawn client that left or is replaying when its turn comes is dropped
+        from the round, as a client that does not answer is: nobody waits for it.
+
+        A round holds m = max(1, round(fraction · n)) of the n ready clients: `sampled` draws
+        them at random (seeded by the run's seed and the round's number), `round-robin` takes
+        the m after the previous holder. Pure: `_begin_turn` makes the plan the round's."""
+        left = [i for i in self.round_left if i in ready]
+        if left or not ready:
+            return left, False
+        assert self.rounds is not None
+        order, fraction = self.rounds
+        m = max(1, min(len(ready), round(fraction * len(ready))))
+        if order == "sampled":
+            rng = np.random.default_rng(tensor_seed(self.seed, f"networked-round-{self.round}"))
+            return [ready[int(i)] for i in rng.choice(len(ready), size=m, replace=False)], True
+        after = [i for i in ready if i > self.last] + [i for i in ready if i <= self.last]
+        return after[:m], True
+
+    def _begin_turn(self, cid: int) -> None:
+        """`cid` got the turn: with rounds, it leaves its round (a new one if it began it)."""
+        if self.rounds is None:
+            return
+        plan, new = self._round_plan(sorted(set(self.members) - self.catching_up))
+        assert plan and plan[0] == cid, "the turn went to the round's next client"
+        self.round += int(new)
+        self.round_left = plan[1:]
 
     def wait_turn(self, member: ClientHello, stopping: threading.Event) -> dict[str, Any]:
         """Block until it is `member`'s turn (or training is over); the turn with its catch-up.
@@ -334,6 +380,7 @@ class Roster:
                     ready = self.started or len(self.members) >= self.min_clients
                     if ready and self._next_client() == cid:
                         done = False
+                        self._begin_turn(cid)
                         self.holder, self.turn_step = member, self.committed()
                         self.granted_at = time.monotonic()
                         self.started = True
@@ -443,7 +490,8 @@ class Roster:
             ids = sorted(self.books)
             return {"log": self.sync.log.state_dict(),
                     "books": [asdict(self.books[i]) for i in ids], "book_ids": ids,
-                    "sizes": dict(self.sizes), "theta_bytes": self.theta_bytes, "last": self.last}
+                    "sizes": dict(self.sizes), "theta_bytes": self.theta_bytes, "last": self.last,
+                    "round": self.round, "round_left": list(self.round_left)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         with self.cond:
@@ -458,6 +506,8 @@ class Roster:
                               if i in self.sizes or ClientBook(**b) != ClientBook()}
             self.theta_bytes = int(state.get("theta_bytes", 0))
             self.last = int(state.get("last", -1))
+            self.round = int(state.get("round", 0))  # absent in older checkpoints: plain turns
+            self.round_left = [int(i) for i in state.get("round_left", [])]
             self.started = len(self.sync.log) > 0
 
     def report(self) -> dict[str, Any]:
@@ -468,14 +518,18 @@ class Roster:
             books = [self.books[i] for i in ids]
             participations = sum(b.steps for b in books)
             sync_bytes = sum(b.down_bytes + b.up_bytes for b in books)
+            order, fraction = self.rounds or ("round-robin", 1.0)
             return {
                 "n": len(books),
                 "ids": ids,
                 "schedule": "sequential",
-                "order": "round-robin",
-                "fraction": 1.0,
-                "per_round": len(books),
-                "rounds": -(-participations // len(books)) if books else 0,
+                "order": order,
+                "fraction": fraction,
+                # with rounds, m of the clients connected when a round began; else every client
+                "per_round": (max(1, round(fraction * len(books))) if self.rounds
+                              else len(books)),
+                "rounds": (self.round if self.rounds
+                           else -(-participations // len(books)) if books else 0),
                 "sizes": [self.sizes.get(i, 0) for i in ids],
                 "label_skew": None,  # each client's labels stay on its own machine
                 "log_records": len(self.sync.log),

@@ -1,0 +1,153 @@
+"""Rounds over the network (`hosl serve --set clients.order=sampled` / `clients.fraction=F`):
+the server's `Roster` hands turns out round by round, each round holding m = round(F · n) of the
+n clients that can step when it begins, drawn at random (`sampled`) or in turn (`round-robin`).
+
+Driven without a network: each test plays the clients one turn at a time (the one the roster
+will hand the turn to asks for it, replays what it lacks, the server applies its step, it
+commits a record), so the order of turns is the roster's alone.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+
+import pytest
+import torch
+
+from hosl.federated.records import ClientUpdate
+from hosl.transport.sessions import ClientHello, Roster
+from test_networked_clients import (  # noqa: F401  (files: a fixture)
+    _assert_bitwise,
+    _client_args,
+    _hosl,
+    _rebuilt_from_log,
+    _run_all,
+    _server_records,
+    _theta_c,
+    files,
+    server,
+)
+
+N = 4
+
+
+def _roster(order: str, fraction: float, seed: int = 0, steps: int = 40) -> Roster:
+    committed = [0]
+    roster = Roster(max_clients=N, min_clients=N, total_steps=steps,
+                    committed=lambda: committed[0], order=order, fraction=fraction, seed=seed)
+    roster.applied = committed  # type: ignore[attr-defined]  # the server's ledger, by hand
+    for cid in range(N):
+        roster.admit(ClientHello(cid, 0, 5, 64))
+    return roster
+
+
+def _take_turns(roster: Roster, turns: int) -> list[int]:
+    """Who stepped, for `turns` steps: each time the client whose turn it is asks (catching up
+    first if it lacks records), the server applies its step, and it commits its record."""
+    stop, order = threading.Event(), []
+    for _ in range(turns):
+        cid = roster._next_client()
+        assert cid is not None
+        member = roster.members[cid]
+        answer = roster.wait_turn(member, stop)
+        while answer["catch_up"]:
+            answer = roster.wait_turn(member, stop)
+        step = answer["step"]
+        assert roster.holds_turn(member) and step == roster.applied[0]  # type: ignore[attr-defined]
+        roster.applied[0] += 1  # type: ignore[attr-defined]
+        roster.commit(member, ClientUpdate(step, cid, 0.1, 0.0, ((step, 0.5),)).encode())
+        order.append(cid)
+    return order
+
+
+def _rounds(order: list[int], m: int) -> list[list[int]]:
+    return [order[i:i + m] for i in range(0, len(order), m)]
+
+
+def test_sampled_rounds_draw_distinct_clients_by_seed_and_count_rounds() -> None:
+    turns = 24
+    order = _take_turns(_roster("sampled", 0.5), turns)
+    rounds = _rounds(order, 2)
+    assert all(len(set(r)) == 2 for r in rounds)  # a round holds a client at most once
+    assert len({tuple(sorted(r)) for r in rounds}) > 1  # not the same pair every round
+    assert set(order) == set(range(N))  # 12 draws of 2 of 4 reach every client
+    assert order == _take_turns(_roster("sampled", 0.5), turns)  # a function of the seed
+    assert order != _take_turns(_roster("sampled", 0.5, seed=1), turns)
+    again = _roster("sampled", 0.5)
+    _take_turns(again, turns)
+    report = again.report()
+    assert (report["order"], report["fraction"], report["per_round"], report["rounds"]) == (
+        "sampled", 0.5, 2, 12)
+    # sampled with every client per round: each round is a permutation of all four
+    full = _rounds(_take_turns(_roster("sampled", 1.0), 12), N)
+    assert all(sorted(r) == list(range(N)) for r in full)
+    assert len({tuple(r) for r in full}) > 1
+
+
+def test_partial_round_robin_rounds_take_the_next_clients_in_turn() -> None:
+    assert _take_turns(_roster("round-robin", 0.5), 8) == [0, 1, 2, 3, 0, 1, 2, 3]
+    assert _take_turns(_roster("round-robin", 0.25), 5) == [0, 1, 2, 3, 0]
+    assert _roster("round-robin", 0.5).rounds is not None  # rounds, not plain turns
+
+
+def test_a_drawn_client_that_leaves_is_dropped_from_its_round() -> None:
+    roster = _roster("round-robin", 0.5)
+    assert _take_turns(roster, 1) == [0]  # round 0 is clients 0 and 1
+    assert roster.round_left == [1]
+    roster.leave(roster.members[1])
+    # the round's rest is gone: the next round draws from the three left, after client 0
+    assert _take_turns(roster, 4) == [2, 3, 0, 2]
+    assert 1 not in roster.round_left
+
+
+def test_a_restarted_server_goes_on_with_the_round_it_was_in() -> None:
+    whole = _take_turns(_roster("sampled", 0.5), 9)
+    roster = _roster("sampled", 0.5)
+    first = _take_turns(roster, 5)  # mid-round: round 2 has one client left
+    assert len(roster.round_left) == 1
+    buffer = io.BytesIO()
+    torch.save(roster.state_dict(), buffer)
+    buffer.seek(0)
+    restarted = Roster(max_clients=N, min_clients=N, total_steps=40, committed=lambda: 5,
+                       order="sampled", fraction=0.5)
+    restarted.load_state_dict(torch.load(buffer, weights_only=True))
+    restarted.applied = [5]  # type: ignore[attr-defined]
+    restarted.committed = lambda: restarted.applied[0]  # type: ignore[attr-defined]
+    for cid in range(N):  # the clients rejoin holding the whole log
+        restarted.admit(ClientHello(cid, 5, 5, 64, roster.sync.log.digest(5).hex()))
+    assert first + _take_turns(restarted, 4) == whole
+
+
+@pytest.mark.parametrize("order, fraction", [("round-robin", 1.0)])
+def test_plain_turns_keep_no_rounds(order: str, fraction: float) -> None:
+    roster = _roster(order, fraction)
+    assert roster.rounds is None
+    assert _take_turns(roster, 6) == [0, 1, 2, 3, 0, 1]
+    assert roster.report()["rounds"] == 2  # ⌈6 participations / 4 clients⌉
+
+
+def test_real_clients_in_sampled_rounds_end_bit_identical(
+    tiny_model_dir, files, tmp_path  # noqa: F811  (files: the imported fixture)
+) -> None:
+    """`hosl serve --set clients.order=sampled --set clients.fraction=0.67` with three `hosl
+    client` processes: rounds of two distinct clients, and every client ends holding the
+    server's log replayed onto the base model, bit for bit."""
+    steps, srv = 8, tmp_path / "server"
+    runs = {cid: tmp_path / f"client-{cid}" for cid in range(3)}
+    with server(tiny_model_dir, srv, files, steps, "--max-clients", "3", "--min-clients", "3",
+                "--set", "clients.order=sampled", "--set", "clients.fraction=0.67"
+                ) as (_, address):
+        procs = {cid: _hosl(*_client_args(tiny_model_dir, files, address, cid, runs[cid], steps),
+                            log=tmp_path / f"client-{cid}.out") for cid in range(3)}
+        _run_all(procs, tmp_path)
+    records = _server_records(srv)
+    assert [r.step for r in records] == list(range(steps))
+    rounds = _rounds([r.client for r in records], 2)
+    assert all(len(set(r)) == 2 for r in rounds)
+    report = json.loads((srv / "clients.json").read_text())
+    assert (report["order"], report["per_round"], report["rounds"]) == ("sampled", 2, 4)
+    expected = _rebuilt_from_log(records)
+    for cid, run in runs.items():
+        _assert_bitwise(expected, _theta_c(run), f"client {cid} against the server's log")
