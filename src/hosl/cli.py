@@ -106,7 +106,7 @@ DEFAULT_TEXT = {
 # The flags `hosl serve` takes from TRAIN_FLAGS: what shapes the server's part and optimizer.
 SERVE_FLAGS = (
     "--mode", "--model", "--split-layer", "--dtype", "--fo-lr", "--optimizer", "--schedule",
-    "--steps", "--grad-accum", "--checkpoint-every", "--seed", "--output",
+    "--steps", "--grad-accum", "--checkpoint-every", "--seed", "--output", "--client-schedule",
 )
 
 

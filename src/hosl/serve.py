@@ -38,7 +38,6 @@ from hosl.config import (
 )
 from hosl.dtypes import DTYPES
 from hosl.errors import ConfigError
-from hosl.federated.schedule import networked_schedule_problem
 from hosl.models.loading import load_pretrained
 from hosl.models.split import num_layers
 from hosl.parties.server import ServerParty
@@ -229,8 +228,6 @@ def serve(
 ) -> int:
     """Run the server until `stop` is set or SIGTERM/SIGINT arrives; returns the committed step."""
     _check_listen(opts)
-    if opts.many_clients and (problem := networked_schedule_problem(cfg.clients)):
-        raise ConfigError(problem)
     credentials = server_credentials(opts.tls_cert, opts.tls_key)
     _run_dir(cfg, resume_dir)  # a non-empty --output is refused before the model loads
     torch.manual_seed(cfg.seed)
@@ -252,6 +249,7 @@ def serve(
         committed=lambda: state.ledger.committed, tokens=opts.client_tokens, log=log,
         turn_timeout=opts.turn_timeout, grad_accum=cfg.grad_accum, row_limits=row_limits,
         order=cfg.clients.order, fraction=cfg.clients.fraction, seed=cfg.seed,
+        parallel=cfg.clients.schedule == "parallel",
     ) if opts.many_clients else None
     if resume_dir is not None and (loaded := load_latest(run_dir)) is not None:
         committed, state, meta = loaded

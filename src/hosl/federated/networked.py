@@ -41,7 +41,6 @@ from hosl.dtypes import DTYPES
 from hosl.errors import ConfigError, Diverged, HoslError, check_finite_update
 from hosl.evaluation import evaluate
 from hosl.federated.records import LOG_GENESIS, ClientUpdate, chain, replay
-from hosl.federated.schedule import networked_schedule_problem
 from hosl.models.loading import load_pretrained
 from hosl.models.lora import trainable_bytes
 from hosl.models.split import num_layers
@@ -64,13 +63,13 @@ def check_networked(cfg: TrainConfig) -> None:
             "--client-id makes this process one client of a many-client `hosl serve`, holding "
             "its own data (--train-file); drop --clients"
         )
-    if problem := networked_schedule_problem(cfg.clients):
-        raise ConfigError(problem)
-    if (cfg.clients.order, cfg.clients.fraction) != ("round-robin", 1.0):
+    c = cfg.clients
+    if (c.schedule, c.order, c.fraction) != ("sequential", "round-robin", 1.0):
         raise ConfigError(
-            f"clients.order {cfg.clients.order} / clients.fraction {cfg.clients.fraction}: the "
-            "server hands out the turns, so set them on `hosl serve` (--set clients.order=..., "
-            "--set clients.fraction=...), not on a client"
+            f"clients.schedule {c.schedule} / clients.order {c.order} / clients.fraction "
+            f"{c.fraction}: the server hands out the turns, so set them on `hosl serve` "
+            "(--client-schedule, --set clients.order=..., --set clients.fraction=...), not on "
+            "a client"
         )
     if cfg.mode not in RECORD_MODES:
         raise ConfigError(
@@ -177,6 +176,8 @@ def train_networked(
                     p.stop_metering()
             tick = time.perf_counter()
             party.last_update = None
+            # parallel rounds: θ_c stays the round's; this step's record comes back in the log
+            deferred = party.defer_updates = turn.get("deferred") is True
             try:
                 loss = run.train_step(batches(local), step)
                 check_finite_update("the training loss", [loss])
@@ -188,7 +189,7 @@ def train_networked(
             if update is not None:
                 record = dataclasses.replace(update, step=step, client=cid).encode()
             length, logged = transport.commit(record)
-            if record is not None:
+            if record is not None and not deferred:
                 cursor += 1
                 digest = chain(digest, record)
             _check_log(length, logged, cursor, digest)

@@ -12,27 +12,12 @@ import threading
 from bisect import bisect_left
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from hosl.zo.seeds import tensor_seed
 
-if TYPE_CHECKING:
-    from hosl.config import ClientsConfig
-
 ORDERS = ("round-robin", "sampled")
-
-
-def networked_schedule_problem(clients: ClientsConfig) -> str:
-    """Why `hosl serve` cannot run this schedule, or "": over the network clients take turns
-    (the sequential schedule) over whichever clients are connected, all of them in turn or in
-    rounds drawing some of them (`clients.order`, `clients.fraction`: the server's settings);
-    the parallel schedule runs in process only."""
-    if clients.schedule != "sequential":
-        return (f"clients.schedule {clients.schedule}: networked clients take turns "
-                "(sequential); the parallel schedule runs in process only (hosl train --clients N)")
-    return ""
 
 
 @dataclass(frozen=True)

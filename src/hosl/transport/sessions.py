@@ -124,6 +124,7 @@ class Roster:
         order: str = "round-robin",
         fraction: float = 1.0,
         seed: int = 0,
+        parallel: bool = False,
     ) -> None:
         self.max_clients, self.min_clients, self.total_steps = max_clients, min_clients, total_steps
         self.committed = committed  # the server's committed steps (the ledger's)
@@ -149,10 +150,15 @@ class Roster:
         # Rounds (`clients.order sampled` or `clients.fraction` below 1; see `_round_plan`): each
         # round draws its clients from those that can step when it begins. None: plain turns,
         # round-robin over every connected client.
-        self.rounds = None if order == "round-robin" and fraction == 1.0 else (order, fraction)
+        plain = order == "round-robin" and fraction == 1.0 and not parallel
+        self.rounds = None if plain else (order, fraction)
         self.seed = seed
         self.round = 0  # rounds drawn so far
         self.round_left: list[int] = []  # the current round's clients that have not stepped
+        # The parallel schedule: a round's records wait here, in the order committed, and join
+        # the log when the round ends, so every client of a round steps on the θ_c it began with.
+        self.parallel = parallel
+        self.pending: list[tuple[ClientUpdate, bytes]] = []
         # What a committed record may hold: q · grad_accum (seed, c) pairs (q from `run`), and
         # row ids only of the client part's embeddings, each below its row count.
         self.grad_accum = grad_accum
@@ -334,13 +340,23 @@ class Roster:
         return after[:m], True
 
     def _begin_turn(self, cid: int) -> None:
-        """`cid` got the turn: with rounds, it leaves its round (a new one if it began it)."""
+        """`cid` got the turn: with rounds, it leaves its round (a new one if it began it, which
+        first closes the last: see `_close_round`)."""
         if self.rounds is None:
             return
         plan, new = self._round_plan(sorted(set(self.members) - self.catching_up))
         assert plan and plan[0] == cid, "the turn went to the round's next client"
+        if new:
+            self._close_round()
         self.round += int(new)
         self.round_left = plan[1:]
+
+    def _close_round(self) -> None:
+        """Parallel: the ended round's records join the log, in the order they were committed
+        (the round's order); every client applies them at its next turn, its own included."""
+        for update, record in self.pending:
+            self.sync.log.append_encoded(update, record)
+        self.pending = []
 
     def wait_turn(self, member: ClientHello, stopping: threading.Event) -> dict[str, Any]:
         """Block until it is `member`'s turn (or training is over); the turn with its catch-up.
@@ -375,6 +391,7 @@ class Roster:
                                   "the server is shutting down; reconnect when it is back")
                 if self.holder is None:
                     if self.committed() >= self.total_steps:
+                        self._close_round()  # the last round's records reach everyone
                         done = True
                         break
                     ready = self.started or len(self.members) >= self.min_clients
@@ -407,12 +424,15 @@ class Roster:
             "log": stop,  # the client holds this many records once it replayed these
             "digest": log.digest(stop).hex(),  # ... with this chain digest
             "committed": self.committed(),
+            # parallel: the client keeps its θ_c through its step (its record comes back with
+            # the round's others); absent means apply it at once, as older servers did
+            "deferred": self.parallel,
         }
 
     def commit(self, member: ClientHello, record: bytes | None) -> int:
-        """The holder's step is committed on the server; its record joins the log and the turn
-        passes on. Returns the log's length. A record that breaks a rule is refused before
-        anything (log, books, turn) changes."""
+        """The holder's step is committed on the server; its record joins the log (parallel:
+        when its round ends) and the turn passes on. Returns the log's length. A record that
+        breaks a rule is refused before anything (log, books, turn) changes."""
         cid = member.id
         with self.cond:
             if self.holder is not member:
@@ -439,9 +459,12 @@ class Roster:
                                    f"{len(log)}")
             book.steps += 1
             if update is not None and record is not None:
-                log.append_encoded(update, bytes(record))  # = update.encode(): checked above
                 book.up_bytes += len(record)
-                book.cursor = len(log)
+                if self.parallel:  # its θ_c stays the round's: the record comes back with the
+                    self.pending.append((update, bytes(record)))  # others' after the round
+                else:
+                    log.append_encoded(update, bytes(record))  # = update.encode(): checked
+                    book.cursor = len(log)
             self.holder, self.last = None, cid
             self.cond.notify_all()
             return len(log)
@@ -491,7 +514,8 @@ class Roster:
             return {"log": self.sync.log.state_dict(),
                     "books": [asdict(self.books[i]) for i in ids], "book_ids": ids,
                     "sizes": dict(self.sizes), "theta_bytes": self.theta_bytes, "last": self.last,
-                    "round": self.round, "round_left": list(self.round_left)}
+                    "round": self.round, "round_left": list(self.round_left),
+                    "pending": [record for _, record in self.pending]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         with self.cond:
@@ -508,6 +532,7 @@ class Roster:
             self.last = int(state.get("last", -1))
             self.round = int(state.get("round", 0))  # absent in older checkpoints: plain turns
             self.round_left = [int(i) for i in state.get("round_left", [])]
+            self.pending = [(ClientUpdate.decode(r), bytes(r)) for r in state.get("pending", [])]
             self.started = len(self.sync.log) > 0
 
     def report(self) -> dict[str, Any]:
@@ -522,7 +547,7 @@ class Roster:
             return {
                 "n": len(books),
                 "ids": ids,
-                "schedule": "sequential",
+                "schedule": "parallel" if self.parallel else "sequential",
                 "order": order,
                 "fraction": fraction,
                 # with rounds, m of the clients connected when a round began; else every client
