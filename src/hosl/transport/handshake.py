@@ -23,7 +23,9 @@ from transformers import PretrainedConfig
 # 2: perturbed activations travel as differences (hosl.protocol); ZO-ZO steps carry weight decay.
 # 3: many clients: the hello carries the update log's chain digest, turn and commit answers carry
 #    (log length, digest), and a lagging client gets catch-up answers outside its turn.
-PROTOCOL_VERSION = 3
+# 4: turn answers say `deferred` (parallel rounds: the client keeps θ_c through its own step); a
+#    version-3 client would apply its update at once and part from the log.
+PROTOCOL_VERSION = 4
 
 # Config entries that describe how a model was saved or is run, not what it computes.
 _VOLATILE_KEYS = frozenset(
