@@ -12,6 +12,11 @@
    `hosl` + `cut-grad` at Q = 1, whose client runs its two perturbed forwards while the server
    backpropagates, against `fo`, interleaved the same way. Target: cut-grad ≤ fo.
 
+`--parts in-process grpc` (the default: both) runs either part alone; each part's results are
+merged into step_time.json as soon as it ends, so one part's figures survive a failure in the
+other. `--from-log LOG` re-derives the in-process part from the progress lines (`step N name:
+S s`) a complete in-process part printed, instead of measuring it again.
+
 Writes benchmarks/results/step_time.{json,md}.
 """
 
@@ -22,6 +27,7 @@ import copy
 import datetime
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -122,22 +128,38 @@ def summarise(seconds: dict[str, list[float]], reference: str) -> dict[str, dict
     }
 
 
-def measure(
-    qs: list[int],
-    repeats: int,
-    grpc_repeats: int,
-    model: str = MODEL,
-    log: Callable[[str], None] = print,
-) -> dict[str, Any]:
+PROGRESS = re.compile(r"^\s*step (\d+) (.+): ([0-9.]+) s$")
+
+
+def from_log(text: str) -> dict[str, list[float]]:
+    """The timed steps (1 and later) of each configuration in an in-process progress log."""
+    seconds: dict[str, list[float]] = {}
+    for line in text.splitlines():
+        if line.strip() == "over loopback gRPC":
+            break
+        if (m := PROGRESS.match(line)) and int(m[1]) > 0:
+            seconds.setdefault(m[2], []).append(float(m[3]))
+    if not seconds:
+        raise SystemExit("no in-process progress lines ('  step N name: S s') in the log")
+    return seconds
+
+
+def measure_in_process(qs: list[int], repeats: int, model: str = MODEL,
+                       log: Callable[[str], None] = print) -> dict[str, Any]:
     base, _ = load_pretrained(model)
-    batches = synthetic_batches(base.config.vocab_size, max(repeats, grpc_repeats) + 1)
+    batches = synthetic_batches(base.config.vocab_size, repeats + 1)
     log("in process")
     runs = {
         name: build_run(cfg, copy.deepcopy(base))
         for name, cfg in in_process_configs(qs, model).items()
     }
-    local = summarise(interleaved(runs, batches, repeats), "fo")
-    runs.clear()
+    return summarise(interleaved(runs, batches, repeats), "fo")
+
+
+def measure_grpc(grpc_repeats: int, model: str = MODEL,
+                 log: Callable[[str], None] = print) -> dict[str, Any]:
+    base, _ = load_pretrained(model)
+    batches = synthetic_batches(base.config.vocab_size, grpc_repeats + 1)
     log("over loopback gRPC")
     with ExitStack() as stack:
         remote_runs = {}
@@ -154,12 +176,11 @@ def measure(
             stack.callback(transport.close)
             transport.connect()
             remote_runs[name] = build_run(cfg, net, transport)
-        remote = summarise(interleaved(remote_runs, batches, grpc_repeats), "fo")
-    return {"in_process": local, "grpc": remote}
+        return summarise(interleaved(remote_runs, batches, grpc_repeats), "fo")
 
 
 def verdicts(result: dict[str, Any]) -> list[dict[str, Any]]:
-    local, remote = result["in_process"], result["grpc"]
+    local, remote = result.get("in_process", {}), result.get("grpc", {})
     out = []
     if "hosl losses Q=4" in local:
         ratio = local["hosl cut-grad Q=4"]["median_s"] / local["hosl losses Q=4"]["median_s"]
@@ -170,14 +191,15 @@ def verdicts(result: dict[str, Any]) -> list[dict[str, Any]]:
                 "verdict": "met" if ratio <= TARGET_CUT_VS_LOSSES else "missed",
             }
         )
-    ratio = remote["hosl cut-grad Q=1"]["ratio_to_fo"]
-    out.append(
-        {
-            "target": "loopback gRPC, Q = 1: cut-grad step <= fo step",
-            "value": ratio,
-            "verdict": "met" if ratio <= 1.0 else "missed",
-        }
-    )
+    if "hosl cut-grad Q=1" in remote:
+        ratio = remote["hosl cut-grad Q=1"]["ratio_to_fo"]
+        out.append(
+            {
+                "target": "loopback gRPC, Q = 1: cut-grad step <= fo step",
+                "value": ratio,
+                "verdict": "met" if ratio <= 1.0 else "missed",
+            }
+        )
     return out
 
 
@@ -186,11 +208,8 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         "# Seconds per training step, by mode",
         "",
-        f"- Machine: {m['cpu']}, {m['cores']} cores, no GPU; torch {m['torch']} "
-        f"({m['torch_threads']} threads), transformers {m['transformers']}. 1-minute load "
-        f"average {result['load_average'][0]:.2f} at the start, "
-        f"{result['load_average_end'][0]:.2f} at the end.",
-        f"- Date: {result['date']}. Command: `{result['command']}`",
+        f"- Machine: {m['cpu']}, {m['cores']} cores, no GPU; torch {m['torch']}, "
+        f"transformers {m['transformers']}.",
         f"- Shapes: {result['model']} split at k = {result['split_layer']}, "
         f"{BATCH} x {LENGTH} synthetic tokens per step (the demo's), AdamW on every FO side. "
         "Median of the timed steps after one warm-up step each, the configurations taking "
@@ -198,12 +217,27 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     for title, key in (("In process", "in_process"),
                        ("Loopback gRPC (client and server in separate processes)", "grpc")):
-        lines += ["", f"## {title}", "", "| configuration | s/step | ÷ fo |", "|---|---:|---:|"]
+        if key not in result:
+            continue
+        run = result["runs"][key]
+        load = ("1-minute load average not recorded" if run["load_average"] is None else
+                f"1-minute load average {run['load_average'][0]:.2f} at the start, "
+                f"{run['load_average_end'][0]:.2f} at the end")
+        lines += ["", f"## {title}", "",
+                  f"{run['date']}, `{run['command']}`; {load}{run.get('note', '')}.", "",
+                  "| configuration | s/step | ÷ fo |", "|---|---:|---:|"]
         lines += [f"| {name} | {row['median_s']:.2f} | {row['ratio_to_fo']:.2f} |"
                   for name, row in result[key].items()]
     lines += ["", "## Targets", ""]
     lines += [f"- **{v['verdict']}**: {v['target']} ({v['value']:.2f})" for v in result["verdicts"]]
     return "\n".join(lines) + "\n"
+
+
+def write(result: dict[str, Any], out: Path) -> None:
+    result["verdicts"] = verdicts(result)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "step_time.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "step_time.md").write_text(markdown(result))
 
 
 def main() -> None:
@@ -213,26 +247,37 @@ def main() -> None:
     ap.add_argument("--grpc-repeats", type=int, default=5, help="timed gRPC steps per config")
     ap.add_argument("--model", default=MODEL, help="model (a small local one for a smoke run)")
     ap.add_argument("--split-layer", type=int, default=SPLIT)
+    ap.add_argument("--parts", nargs="+", choices=("in-process", "grpc"),
+                    default=["in-process", "grpc"])
+    ap.add_argument("--from-log", type=Path, metavar="LOG",
+                    help="the in-process part from an earlier run's progress lines")
     ap.add_argument("--out", type=Path, default=ROOT / "results")
     args = ap.parse_args()
     SETTINGS["split"] = args.split_layer
-    load = os.getloadavg()
-    result: dict[str, Any] = {
-        "machine": machine(),
-        "date": datetime.date.today().isoformat(),
-        "load_average": load,
-        "command": "python benchmarks/step_time.py " + " ".join(sys.argv[1:]),
-        "model": args.model,
-        "split_layer": args.split_layer,
-        **measure(args.qs, args.repeats, args.grpc_repeats, args.model),
-    }
-    result["load_average_end"] = os.getloadavg()
-    result["verdicts"] = verdicts(result)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "step_time.json").write_text(json.dumps(result, indent=2) + "\n")
-    text = markdown(result)
-    (args.out / "step_time.md").write_text(text)
-    print(text)
+    path = args.out / "step_time.json"
+    result: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
+    if result.get("model") != args.model or result.get("split_layer") != args.split_layer:
+        result = {}  # another shape: nothing to merge with
+    result.update(machine=machine(), model=args.model, split_layer=args.split_layer)
+    result.setdefault("runs", {})
+    command = "python benchmarks/step_time.py " + " ".join(sys.argv[1:])
+    for part in args.parts:
+        key = part.replace("-", "_")
+        run = {"date": datetime.date.today().isoformat(), "command": command,
+               "load_average": os.getloadavg()}
+        if part == "in-process" and args.from_log is not None:
+            result[key] = summarise(from_log(args.from_log.read_text()), "fo")
+            run.update(load_average=None, note=(
+                f". The figures are those the measuring run printed ({args.from_log.name}, "
+                "re-derived from its progress lines, not measured again)"))
+        elif part == "in-process":
+            result[key] = measure_in_process(args.qs, args.repeats, args.model)
+        else:
+            result[key] = measure_grpc(args.grpc_repeats, args.model)
+        run["load_average_end"] = None if run["load_average"] is None else os.getloadavg()
+        result["runs"][key] = run
+        write(result, args.out)
+    print(markdown(result))
 
 
 if __name__ == "__main__":
