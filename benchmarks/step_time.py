@@ -52,14 +52,15 @@ TARGET_CUT_VS_LOSSES = 0.6
 SETTINGS = {"split": SPLIT}  # --split-layer (a smoke run on a small model needs a smaller one)
 
 
-def config(mode: str, q: int = 1, estimator: str = "losses", model: str = MODEL) -> TrainConfig:
+def config(mode: str, q: int = 1, estimator: str = "losses", model: str = MODEL,
+           noise: str = "all") -> TrainConfig:
     return TrainConfig(
         mode=mode,
         steps=1000,
         batch_size=BATCH,
         model=ModelConfig(name=model, split_layer=SETTINGS["split"]),
         data=DataConfig(max_length=LENGTH),
-        zo=ZoConfig(q=q, eps=1e-3, lr=1e-5, estimator=estimator),
+        zo=ZoConfig(q=q, eps=1e-3, lr=1e-5, estimator=estimator, embedding_noise=noise),
         optim=OptimConfig(optimizer="adamw", lr=3e-5),
     )
 
@@ -165,6 +166,8 @@ def measure_grpc(grpc_repeats: int, model: str = MODEL,
         remote_runs = {}
         for name, cfg in (
             ("hosl cut-grad Q=1", config("hosl", 1, "cut-grad", model)),
+            # row-sparse embedding noise: the client's update no longer draws (V, d) noise
+            ("hosl cut-grad Q=1, batch noise", config("hosl", 1, "cut-grad", model, "batch")),
             ("fo", config("fo", model=model)),
         ):
             tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
