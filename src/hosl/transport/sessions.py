@@ -533,7 +533,7 @@ class Roster:
             self.round = int(state.get("round", 0))  # absent in older checkpoints: plain turns
             self.round_left = [int(i) for i in state.get("round_left", [])]
             self.pending = [(ClientUpdate.decode(r), bytes(r)) for r in state.get("pending", [])]
-            self.started = len(self.sync.log) > 0
+            self.started = len(self.sync.log) > 0 or bool(self.pending)
 
     def report(self) -> dict[str, Any]:
         """The `clients` block of summary.json, in the in-process run's format (see
