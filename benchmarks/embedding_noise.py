@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from machine_info import machine
+from machine_info import machine, run_lines
 
 from hosl.algos.split_modes import cut
 from hosl.batching import Batch, collate
@@ -166,14 +166,10 @@ def summarise(m: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_markdown(result: dict[str, Any]) -> str:
-    m, s, mc = result["measurements"], result["summary"], result["machine"]
+    m, s = result["measurements"], result["summary"]
     lines = [
         "# Embedding noise: every row (`all`) or the batch's rows (`batch`)", "",
-        f"- Machine: {mc['cpu']}, {mc['cores']} cores, no GPU, {mc['torch_threads']} torch "
-        f"thread(s); torch {mc['torch']}, transformers {mc['transformers']}. 1-minute load "
-        f"average {result['load_average']['start']} at the start, "
-        f"{result['load_average']['end']} at the end.",
-        f"- Date: {result['date']}; wall time {result['wall_seconds']} s.",
+        *run_lines(result),
         f"- Command: `{result['command']}`",
         f"- Settings: {MODEL} split at k = {SPLIT} ({m['client_parameters']:,} client "
         f"parameters, {m['embedding_parameters']:,} of them `{m['embedding']}`), "

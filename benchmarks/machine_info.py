@@ -26,3 +26,22 @@ def machine(**extra: Any) -> dict[str, Any]:
         "gpu": gpu, "python": platform.python_version(), "torch": torch.__version__,
         "transformers": transformers.__version__, "platform": platform.platform(), **extra,
     }
+
+
+def describe(m: dict[str, Any]) -> str:
+    """One line for a results file: CPU, cores, GPU, torch threads and library versions."""
+    gpu = m.get("gpu") or "no GPU"
+    return (f"{m['cpu']}, {m['cores']} cores, {gpu}, {m['torch_threads']} torch thread(s); "
+            f"torch {m['torch']}, transformers {m['transformers']}, Python {m['python']}")
+
+
+def run_lines(result: dict[str, Any], shared: bool = False) -> list[str]:
+    """A results file's machine and date lines, from a result holding `machine`, `load_average`
+    ({start, end}), `date` and `wall_seconds`."""
+    load = result["load_average"]
+    return [
+        f"- Machine: {describe(result['machine'])}. "
+        + ("Shared with other work: " if shared else "")
+        + f"1-minute load average {load['start']} at the start, {load['end']} at the end.",
+        f"- Date: {result['date']}; wall time {result['wall_seconds']} s.",
+    ]

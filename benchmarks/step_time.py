@@ -38,7 +38,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from machine_info import machine
+from machine_info import describe, machine
 from transport import BATCH, LENGTH, SPLIT, synthetic_batches
 
 from hosl.build import Run, build_run
@@ -211,8 +211,7 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         "# Seconds per training step, by mode",
         "",
-        f"- Machine: {m['cpu']}, {m['cores']} cores, no GPU; torch {m['torch']}, "
-        f"transformers {m['transformers']}.",
+        f"- Machine: {describe(m)}.",
         f"- Shapes: {result['model']} split at k = {result['split_layer']}, "
         f"{BATCH} x {LENGTH} synthetic tokens per step (the demo's), AdamW on every FO side. "
         "Median of the timed steps after one warm-up step each, the configurations taking "

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from machine_info import machine
+from machine_info import machine, run_lines
 
 from hosl.algos.split_modes import cut
 from hosl.batching import Batch, collate
@@ -303,15 +303,10 @@ def reading(result: dict[str, Any]) -> str:
 
 
 def write_markdown(result: dict[str, Any]) -> str:
-    m, mach, s = result["measurements"], result["machine"], result["settings"]
+    m, s = result["measurements"], result["settings"]
     lines = [
         "# ZO signal under low precision: wire dtype, bf16 model, bf16 updates", "",
-        f"- Machine: {mach['cores']}-core CPU ({mach['cpu']}), no GPU, {mach['torch_threads']} "
-        f"torch threads; torch {mach['torch']}, transformers {mach['transformers']}, Python "
-        f"{mach['python']}. Shared with other work: 1-minute load average "
-        f"{result['load_average']['start']} at the start, {result['load_average']['end']} at "
-        "the end.",
-        f"- Date: {result['date']}; wall time {result['wall_seconds']} s.",
+        *run_lines(result, shared=True),
         f"- Command: `{result['command']}`",
         f"- Settings: {s['model']} split at k = {s['split_layer']}, a batch of {s['batch']} "
         f"`{s['task']}` training examples (seed 0, max_length {s['max_length']}: "
