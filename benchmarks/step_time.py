@@ -145,9 +145,8 @@ def from_log(text: str) -> dict[str, list[float]]:
     return seconds
 
 
-def measure_in_process(qs: list[int], repeats: int, model: str = MODEL,
+def measure_in_process(base: Any, qs: list[int], repeats: int, model: str = MODEL,
                        log: Callable[[str], None] = print) -> dict[str, Any]:
-    base, _ = load_pretrained(model)
     batches = synthetic_batches(base.config.vocab_size, repeats + 1)
     log("in process")
     runs = {
@@ -157,9 +156,8 @@ def measure_in_process(qs: list[int], repeats: int, model: str = MODEL,
     return summarise(interleaved(runs, batches, repeats), "fo")
 
 
-def measure_grpc(grpc_repeats: int, model: str = MODEL,
+def measure_grpc(base: Any, grpc_repeats: int, model: str = MODEL,
                  log: Callable[[str], None] = print) -> dict[str, Any]:
-    base, _ = load_pretrained(model)
     batches = synthetic_batches(base.config.vocab_size, grpc_repeats + 1)
     log("over loopback gRPC")
     with ExitStack() as stack:
@@ -263,6 +261,7 @@ def main() -> None:
     result.update(machine=machine(), model=args.model, split_layer=args.split_layer)
     result.setdefault("runs", {})
     command = "python benchmarks/step_time.py " + " ".join(sys.argv[1:])
+    base = None  # the pretrained model, loaded once for the parts that measure
     for part in args.parts:
         key = part.replace("-", "_")
         run = {"date": datetime.date.today().isoformat(), "command": command,
@@ -272,10 +271,11 @@ def main() -> None:
             run.update(load_average=None, note=(
                 f". The figures are those the measuring run printed ({args.from_log.name}, "
                 "re-derived from its progress lines, not measured again)"))
-        elif part == "in-process":
-            result[key] = measure_in_process(args.qs, args.repeats, args.model)
         else:
-            result[key] = measure_grpc(args.grpc_repeats, args.model)
+            base = base if base is not None else load_pretrained(args.model)[0]
+            result[key] = (measure_in_process(base, args.qs, args.repeats, args.model)
+                           if part == "in-process"
+                           else measure_grpc(base, args.grpc_repeats, args.model))
         run["load_average_end"] = None if run["load_average"] is None else os.getloadavg()
         result["runs"][key] = run
         write(result, args.out)

@@ -45,6 +45,23 @@ def _roster(order: str, fraction: float, seed: int = 0, steps: int = 40,
     return roster
 
 
+def _restarted(roster: Roster, order: str, fraction: float, parallel: bool = False) -> Roster:
+    """A new server's roster from `roster`'s checkpoint (through torch.load(weights_only=True)),
+    its ledger at `roster`'s, every client rejoined holding the log (not held-back records)."""
+    buffer = io.BytesIO()
+    torch.save(roster.state_dict(), buffer)
+    buffer.seek(0)
+    applied = [roster.applied[0]]  # type: ignore[attr-defined]
+    restarted = Roster(max_clients=N, min_clients=N, total_steps=40, committed=lambda: applied[0],
+                       order=order, fraction=fraction, parallel=parallel)
+    restarted.applied = applied  # type: ignore[attr-defined]
+    restarted.load_state_dict(torch.load(buffer, weights_only=True))
+    held = len(roster.sync.log)
+    for cid in range(N):
+        restarted.admit(ClientHello(cid, held, 5, 64, roster.sync.log.digest(held).hex()))
+    return restarted
+
+
 def _take_turns(roster: Roster, turns: int, seen: list | None = None) -> list[int]:
     """Who stepped, for `turns` steps: each time the client whose turn it is asks (catching up
     first if it lacks records), the server applies its step, and it commits its record.
@@ -115,16 +132,7 @@ def test_a_restarted_server_goes_on_with_the_round_it_was_in() -> None:
     roster = _roster("sampled", 0.5)
     first = _take_turns(roster, 5)  # mid-round: round 2 has one client left
     assert len(roster.round_left) == 1
-    buffer = io.BytesIO()
-    torch.save(roster.state_dict(), buffer)
-    buffer.seek(0)
-    restarted = Roster(max_clients=N, min_clients=N, total_steps=40, committed=lambda: 5,
-                       order="sampled", fraction=0.5)
-    restarted.load_state_dict(torch.load(buffer, weights_only=True))
-    restarted.applied = [5]  # type: ignore[attr-defined]
-    restarted.committed = lambda: restarted.applied[0]  # type: ignore[attr-defined]
-    for cid in range(N):  # the clients rejoin holding the whole log
-        restarted.admit(ClientHello(cid, 5, 5, 64, roster.sync.log.digest(5).hex()))
+    restarted = _restarted(roster, "sampled", 0.5)
     assert first + _take_turns(restarted, 4) == whole
 
 
@@ -193,17 +201,7 @@ def test_a_restarted_parallel_server_keeps_the_round_it_held_back() -> None:
     roster = _roster("sampled", 0.5, parallel=True)
     _take_turns(roster, 5)  # round 2 has one record held back
     assert len(roster.pending) == 1
-    buffer = io.BytesIO()
-    torch.save(roster.state_dict(), buffer)
-    buffer.seek(0)
-    restarted = Roster(max_clients=N, min_clients=N, total_steps=40, committed=lambda: 5,
-                       order="sampled", fraction=0.5, parallel=True)
-    restarted.load_state_dict(torch.load(buffer, weights_only=True))
-    restarted.applied = [5]  # type: ignore[attr-defined]
-    restarted.committed = lambda: restarted.applied[0]  # type: ignore[attr-defined]
-    held = len(roster.sync.log)  # the clients hold the log, not the held-back record
-    for cid in range(N):
-        restarted.admit(ClientHello(cid, held, 5, 64, roster.sync.log.digest(held).hex()))
+    restarted = _restarted(roster, "sampled", 0.5, parallel=True)
     _take_turns(restarted, 2)
     assert restarted.sync.log.encoded_since(0) == whole.sync.log.encoded_since(0)
     assert [u.step for u, _ in restarted.pending] == [u.step for u, _ in whole.pending]

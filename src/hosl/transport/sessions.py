@@ -46,10 +46,10 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import grpc
-import numpy as np
 import torch
 
 from hosl.federated.records import LOG_GENESIS, ClientUpdate
+from hosl.federated.schedule import ClientSchedule
 from hosl.federated.sync import ClientBook, RecordSync
 from hosl.transport.codec import CodecError, Limits, decode, encode
 from hosl.transport.framing import HELLO_LIMIT, Reassembler, to_messages
@@ -57,7 +57,6 @@ from hosl.transport.grpc_server import ServerState, SplitServicer, _Disconnected
 from hosl.transport.handshake import mismatches
 from hosl.transport.inbox import Inbox
 from hosl.transport.security import presented_token, token_matches
-from hosl.zo.seeds import tensor_seed
 
 MAX_CLIENT_ID = 1 << 20
 WAIT_TICK_S = 0.5  # how often a waiting turn request looks at the server's stop flag
@@ -332,12 +331,12 @@ class Roster:
             return left, False
         assert self.rounds is not None
         order, fraction = self.rounds
-        m = max(1, min(len(ready), round(fraction * len(ready))))
+        # the in-process schedule's m and seeded draw, over the ready clients' positions
+        schedule = ClientSchedule(len(ready), order, fraction, self.seed)
         if order == "sampled":
-            rng = np.random.default_rng(tensor_seed(self.seed, f"networked-round-{self.round}"))
-            return [ready[int(i)] for i in rng.choice(len(ready), size=m, replace=False)], True
+            return [ready[i] for i in schedule.round_clients(self.round)], True
         after = [i for i in ready if i > self.last] + [i for i in ready if i <= self.last]
-        return after[:m], True
+        return after[:schedule.per_round], True
 
     def _begin_turn(self, cid: int) -> None:
         """`cid` got the turn: with rounds, it leaves its round (a new one if it began it, which
