@@ -14,7 +14,7 @@ from conftest import sentiment_examples, tiny_llama
 from hosl.algos.split_modes import cut
 from hosl.batching import collate
 from hosl.build import build_run
-from hosl.config import load_config
+from hosl.config import load_config, load_run_config
 from hosl.errors import ConfigError
 from hosl.protocol import FoStepRequest
 from hosl.remote import ReplayTransport
@@ -135,6 +135,36 @@ def test_a_replay_from_the_journal_is_exact(tokenizer) -> None:
     for (name, a), (_, b) in zip(ZoTarget(live.client.part).named,
                                  ZoTarget(fresh.client.part).named, strict=True):
         assert torch.equal(a, b), name
+
+
+def test_the_default_draws_row_sparse_noise_where_it_is_valid(tokenizer, tmp_path) -> None:
+    """`auto` (the default) is `batch` for a hosl client whose embedding trains and `all` where
+    row-sparse noise is refused or moot: resolved when a config loads, so config.yaml says what
+    ran. A default hosl step leaves every row no batch looked up exactly as it was."""
+    resolved = {
+        (mode, adapter): load_config(None, {"mode": mode, "client.adapter": adapter}).zo
+        for mode, adapter in [("hosl", "none"), ("hosl", "lora"), ("zo", "none"),
+                              ("zo-full", "none"), ("fo", "none")]
+    }
+    assert resolved.pop(("hosl", "none")).embedding_noise == "batch"
+    assert {zo.embedding_noise for zo in resolved.values()} == {"all"}
+    assert load_config(None, {"zo.embedding_noise": "all"}).zo.embedding_noise == "all"
+    # a run directory's config.yaml from before the setting existed ran with every row's noise
+    (tmp_path / "config.yaml").write_text("mode: hosl\nzo:\n  q: 1\n")
+    assert load_run_config(tmp_path / "config.yaml").zo.embedding_noise == "all"
+    assert load_config(tmp_path / "config.yaml").zo.embedding_noise == "batch"
+
+    cfg = _row_sparse(_cfg("hosl"), "auto")  # a TrainConfig built in Python resolves alike
+    assert cfg.embedding_noise() == "batch"
+    model = tiny_llama(seed=4)
+    start = model.model.embed_tokens.weight.detach().clone()
+    batches = _batches(tokenizer, 0, 1)
+    build_run(cfg, model).train_step(batches, 0)
+    after = model.model.embed_tokens.weight.detach()
+    unused = torch.ones(len(start), dtype=torch.bool)
+    unused[batches[0].input_ids.unique()] = False
+    assert unused.any() and torch.equal(after[unused], start[unused])
+    assert not torch.equal(after[~unused], start[~unused])
 
 
 @pytest.mark.parametrize("mode", ["zo", "zo-full", "fo"])

@@ -37,7 +37,9 @@ def _cfg(
         grad_accum=accum,
         model=ModelConfig(name="tiny", split_layer=k),
         data=DataConfig(task="sst2"),
-        zo=ZoConfig(q=q, eps=EPS, lr=zo_lr),
+        # noise on every embedding row: the paper's estimator, written out below (row-sparse noise,
+        # the hosl default, is written out in test_row_sparse_noise.py)
+        zo=ZoConfig(q=q, eps=EPS, lr=zo_lr, embedding_noise="all"),
         optim=OptimConfig(optimizer="sgd", lr=0.1, weight_decay=wd),
     )
 

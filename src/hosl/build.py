@@ -179,7 +179,7 @@ def build_run(
     # before the next (the client holds one at a time, not 2Q).
     client = ClientParty(
         client_part, client_opt, client_sched, lazy_pairs=True,
-        row_sparse=cfg.zo.embedding_noise == "batch", fused=fused,
+        row_sparse=cfg.embedding_noise() == "batch", fused=fused,
     )
     server = None
     if transport is None:

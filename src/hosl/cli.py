@@ -48,7 +48,8 @@ TRAIN_FLAGS: dict[str, tuple[str, type, str]] = {
         "zo.embedding_noise",
         str,
         "where the hosl client draws its embeddings' noise for the update: all (every row) | "
-        "batch (the rows the step's batch looked up: the gradient is zero elsewhere)",
+        "batch (the rows the step's batch looked up: the gradient is zero elsewhere) | auto "
+        "(the default: batch for a hosl client whose embedding trains, else all)",
     ),
     "--zo-lr": (
         "zo.lr",
@@ -225,7 +226,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     _quiet_grpc(args.verbose)
-    from hosl.config import load_config
+    from hosl.config import load_config, load_run_config
     from hosl.serve import ServeOptions, serve
     from hosl.transport.security import load_client_tokens, load_token
 
@@ -248,7 +249,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise HoslError(f"--resume {run_dir}: not a server directory (no config.yaml)")
         if args.config or set(_train_overrides(args, SERVE_FLAGS)):
             raise HoslError("--resume continues a server with its saved config; drop the flags")
-        serve(load_config(run_dir / "config.yaml"), opts, resume_dir=run_dir)
+        serve(load_run_config(run_dir / "config.yaml"), opts, resume_dir=run_dir)
         return 0
     serve(load_config(args.config, _train_overrides(args, SERVE_FLAGS)), opts)
     return 0

@@ -29,7 +29,9 @@ MODES = (*SPLIT_MODES, "fo-full", "zo-full")
 ESTIMATORS = ("losses", "cut-grad")
 # Where an embedding's z is drawn for the update: on every row, or on the rows the step's batch
 # looked up (the gradient is zero on the others, so the estimate stays unbiased; see README).
-EMBEDDING_NOISE = ("all", "batch")
+# `auto`, the default, is `batch` wherever it is valid (a hosl client whose embedding trains) and
+# `all` elsewhere: `TrainConfig.embedding_noise()`.
+EMBEDDING_NOISE = ("auto", "all", "batch")
 # How many clients take their steps (see hosl.federated): one client's batch per step, in turn.
 CLIENT_SCHEDULES = ("sequential", "parallel")
 # Built-in evaluation splits are sampled to this many examples unless data.eval_examples says
@@ -71,7 +73,7 @@ class ZoConfig:
     # model's in zo-full. 1e-4 won the ZO rate search (experiments/lr_zo.yaml).
     lr: float = 1e-4
     estimator: str = "losses"  # hosl only: see ESTIMATORS
-    embedding_noise: str = "all"  # hosl only: see EMBEDDING_NOISE
+    embedding_noise: str = "auto"  # batch: hosl only; see EMBEDDING_NOISE
 
 
 @dataclass(frozen=True)
@@ -163,6 +165,14 @@ class TrainConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     clients: ClientsConfig = field(default_factory=ClientsConfig)
 
+    def embedding_noise(self) -> str:
+        """`all` or `batch`: zo.embedding_noise with `auto` resolved. Row-sparse noise needs a
+        ZO client whose embedding trains and is only looked up: a hosl client without adapters
+        (in zo and zo-full the ZO side also perturbs a head that reads every row)."""
+        if self.zo.embedding_noise != "auto":
+            return self.zo.embedding_noise
+        return "batch" if self.mode == "hosl" and not self.client.lora() else "all"
+
 
 class _Loader(yaml.SafeLoader):
     """PyYAML reads `1e-6` as a string (YAML 1.1); learning rates are written that way."""
@@ -251,10 +261,34 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+# What a key missing from a run directory's config.yaml meant when that file was written: a run
+# from before zo.embedding_noise existed drew noise on every row (today's default is `auto`).
+_SAVED_RUN_DEFAULTS = {"zo.embedding_noise": "all"}
+
+
+def _has_dotted(tree: dict[str, Any], key: str) -> bool:
+    node: Any = tree
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def load_run_config(path: str | Path) -> TrainConfig:
+    """A run directory's config.yaml, read as the run ran (see _SAVED_RUN_DEFAULTS)."""
+    return load_config(path, saved_run=True)
+
+
 def load_config(
-    path: str | Path | None = None, overrides: dict[str, Any] | None = None
+    path: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    *,
+    saved_run: bool = False,
 ) -> TrainConfig:
-    """YAML file (optional) + dotted overrides -> validated TrainConfig."""
+    """YAML file (optional) + dotted overrides -> validated TrainConfig, `auto` values resolved
+    (so a run's config.yaml says what it ran, and a saved config compares with a planned one).
+    `saved_run`: the file is a run directory's config.yaml (use load_run_config)."""
     tree: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -267,11 +301,15 @@ def load_config(
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {p} must hold a mapping of keys")
         tree = loaded
+    for key, value in (_SAVED_RUN_DEFAULTS if saved_run else {}).items():
+        if not _has_dotted(tree, key):
+            _set_dotted(tree, key, value)
     for key, value in (overrides or {}).items():
         _set_dotted(tree, key, value)
     cfg = canonical_dtypes(_build(TrainConfig, tree, ""))
     validate(cfg)
-    return cfg
+    noise = dataclasses.replace(cfg.zo, embedding_noise=cfg.embedding_noise())
+    return dataclasses.replace(cfg, zo=noise)
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -309,7 +347,7 @@ def validate(cfg: TrainConfig) -> None:
             f"got {cfg.zo.embedding_noise!r}",
         ),
         (
-            cfg.zo.embedding_noise == "all" or cfg.mode == "hosl",
+            cfg.zo.embedding_noise != "batch" or cfg.mode == "hosl",
             f"zo.embedding_noise batch needs mode hosl, where the client's embedding is only "
             f"looked up; in {cfg.mode} the ZO side also perturbs the output head, which reads "
             "every row of a tied embedding, so its gradient is not zero off the batch's rows",
@@ -416,7 +454,7 @@ def _adapter_checks(cfg: TrainConfig) -> list[tuple[bool, str]]:
          "mode frozen's client never trains: drop client.adapter (server.adapter is allowed)"),
         (not full or cfg.server == ServerConfig(),
          f"mode {cfg.mode} has no server: client.adapter adapts the whole model; drop server.*"),
-        (cfg.zo.embedding_noise == "all" or not cfg.client.lora(),
+        (cfg.zo.embedding_noise != "batch" or not cfg.client.lora(),
          "zo.embedding_noise batch makes the client's embedding noise row-sparse, but with "
          "client.adapter lora the embedding is frozen and has no noise; drop one of the two"),
     ]

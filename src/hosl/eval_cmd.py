@@ -15,7 +15,7 @@ from hosl.config import (
     ModelConfig,
     TrainConfig,
     check_split_layer,
-    load_config,
+    load_run_config,
     validate,
 )
 from hosl.dtypes import DTYPES, canonical_name
@@ -41,7 +41,7 @@ def _config(
     if run_dir is not None:
         if not (run_dir / "config.yaml").is_file():
             raise HoslError(f"--run {run_dir}: not a run directory (no config.yaml)")
-        cfg = load_config(run_dir / "config.yaml")
+        cfg = load_run_config(run_dir / "config.yaml")
         if model is not None or split_layer is not None:
             raise HoslError(
                 "--run evaluates the run's own model and split; drop --model/--split-layer"
@@ -99,7 +99,7 @@ def _split_state(
     server_cfg_path = server_run / "config.yaml"
     if not server_cfg_path.is_file():
         raise HoslError(f"--server-run {server_run}: not a server directory (no config.yaml)")
-    server_cfg = load_config(server_cfg_path)
+    server_cfg = load_run_config(server_cfg_path)
     mine = (cfg.mode, cfg.model.name, cfg.model.split_layer, cfg.model.dtype)
     theirs = (server_cfg.mode, server_cfg.model.name, server_cfg.model.split_layer,
               server_cfg.model.dtype)

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from hosl.build import Run, build_run
-from hosl.config import load_config
+from hosl.config import load_run_config
 from hosl.dtypes import DTYPES
 from hosl.errors import HoslError
 from hosl.eval_cmd import _split_state
@@ -42,7 +42,7 @@ def export_run(
     if not (run_dir / "config.yaml").is_file():
         raise HoslError(f"{run_dir}: not a run directory (no config.yaml)")
     check_empty(output, "export directory")
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = load_run_config(run_dir / "config.yaml")
     loaded = _split_state(cfg, run_dir, server_run, command="hosl export")
     if loaded is None:
         raise HoslError(f"{run_dir} has no checkpoint: let the run finish (or resume it) first")

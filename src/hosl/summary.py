@@ -63,6 +63,8 @@ def build_summary(
         "task": cfg.data.task,
         "split_layer": None if cfg.mode.endswith("-full") else cfg.model.split_layer,
         "q": cfg.zo.q,
+        # where the ZO client drew its embedding's noise (zo.embedding_noise, `auto` resolved)
+        "embedding_noise": cfg.embedding_noise() if cfg.mode in ("hosl", "zo", "zo-full") else None,
         "steps": cfg.steps,
         "batch_size": cfg.batch_size,
         "seed": cfg.seed,

@@ -38,7 +38,14 @@ from typing import Any
 
 import yaml
 
-from hosl.config import TrainConfig, check_split_layer, load_config, load_yaml, to_dict
+from hosl.config import (
+    TrainConfig,
+    check_split_layer,
+    load_config,
+    load_run_config,
+    load_yaml,
+    to_dict,
+)
 from hosl.errors import ConfigError, HoslError
 from hosl.results import collect, flatten, write_results
 
@@ -173,7 +180,7 @@ def _action(run_dir: Path, cfg: TrainConfig) -> str:
     done = (run_dir / "summary.json").is_file()
     has_checkpoint = (run_dir / "checkpoints" / "latest").is_file()
     if done or has_checkpoint:
-        saved = load_config(run_dir / "config.yaml")
+        saved = load_run_config(run_dir / "config.yaml")
         diff = _differences(saved, cfg)
         if not diff:
             return "skip" if done else "resume"

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from hosl.batching import collate
 from hosl.build import Run, build_run
 from hosl.checkpoint import latest_step, load_latest, save_checkpoint
-from hosl.config import TrainConfig, check_split_layer, dump_config, load_config
+from hosl.config import TrainConfig, check_split_layer, dump_config, load_run_config
 from hosl.dtypes import DTYPES
 from hosl.errors import ConfigError, Diverged, check_finite_update
 from hosl.evaluation import evaluate
@@ -65,7 +65,7 @@ def resume_config(run_dir: Path, steps: int | None) -> TrainConfig:
     already taken followed; changing the total would make the resumed run differ from one
     trained straight to the new total, so it is refused.
     """
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = load_run_config(run_dir / "config.yaml")
     done = latest_step(run_dir) or 0
     new = cfg.steps if steps is None else steps
     if new < done:
