@@ -30,8 +30,8 @@ for study in "${studies[@]}"; do
     # its first four runs are client_share's k = 24 frozen and full-ZO-client runs, identical
     # configurations: reuse the finished ones instead of training them again
     for run in "mode=frozen,model.split_layer=24,seed=0" "mode=frozen,model.split_layer=24,seed=1" \
-        "mode=hosl,model.split_layer=24,seed=0,zo.estimator=losses,zo.lr=0.0001" \
-        "mode=hosl,model.split_layer=24,seed=1,zo.estimator=losses,zo.lr=0.0001"; do
+        "mode=hosl,model.split_layer=24,seed=0,zo.estimator=losses,zo.lr=1e-05" \
+        "mode=hosl,model.split_layer=24,seed=1,zo.estimator=losses,zo.lr=1e-05"; do
       if [ -f "runs/sweeps/client_share/$run/summary.json" ] && [ ! -e "runs/sweeps/lora/$run" ]; then
         mkdir -p runs/sweeps/lora && cp -r "runs/sweeps/client_share/$run" "runs/sweeps/lora/$run"
       fi
