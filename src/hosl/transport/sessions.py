@@ -6,8 +6,9 @@ ordered log of every applied client update (`hosl.federated.records`) and hands 
 some of them, `clients.order sampled` / `clients.fraction`). One turn, on a client's stream:
 
     client: turn {}                      server: a client lacking records gets them at once, no
-                                             turn: catch_up {up to 64 records, log, digest};
-                                             else, when it is this client's turn:
+                                             turn: catch_up {up to 64 records, log, digest}
+                                             (only one more than 64 behind loses its place
+                                             in line); else, when it is this client's turn:
                                              turn {step, local_step, records it lacks, digest}
     client: replays the records (checks the log's length and chain digest), then asks again
             (catch_up) or sends the step (head + parts, as a one-client session)
@@ -361,10 +362,13 @@ class Roster:
         """Block until it is `member`'s turn (or training is over); the turn with its catch-up.
 
         A client that lacks records when it asks is answered at once, without the turn, with
-        the next `CATCH_UP_RECORDS` of them (`catch_up`); it replays them and asks again. So a
-        late joiner replays a long log holding no turn (the others step meanwhile, and no turn
-        deadline counts the replay); a turn brings only the records logged while its client
-        waited for it, at most one per other client."""
+        the next `CATCH_UP_RECORDS` of them (`catch_up`); it replays them and asks again. A
+        client more than `CATCH_UP_RECORDS` behind (a late joiner, a resumed client) is passed
+        over while it replays, so it replays a long log holding no turn while the others step,
+        and no turn deadline counts the replay. One fewer behind (it asked after another
+        client's step) keeps its place in line: the order of the turns does not depend on when
+        the requests arrive. A turn brings only the records logged while its client waited for
+        it, at most one per other client."""
         cid = member.id
         with self.cond:
             if self.holder is member:
@@ -375,9 +379,11 @@ class Roster:
                     f"{self.turn_step}; send that step and commit it first",
                 )
             book = self.books[cid]
-            if book.cursor < len(self.sync.log) and self.members.get(cid) is member:
-                self.catching_up.add(cid)
-                self.cond.notify_all()  # the turn may now pass to another client
+            lag = len(self.sync.log) - book.cursor
+            if lag and self.members.get(cid) is member:
+                if lag > CATCH_UP_RECORDS:
+                    self.catching_up.add(cid)
+                    self.cond.notify_all()  # the turn may now pass to another client
                 return self._answer(book, done=False, catch_up=True)
             if cid in self.catching_up:
                 self.catching_up.discard(cid)
