@@ -579,11 +579,16 @@ def test_the_first_clients_are_compared_with_each_other_adapters_and_seeds_inclu
     base = TrainConfig()
     lora = replace(base, client=replace(base.client, adapter="lora"))
     runs = {"base": base, "seed": replace(base, seed=1), "lora": lora,
-            "rank": replace(lora, client=replace(lora.client, lora_rank=4))}
+            "rank": replace(lora, client=replace(lora.client, lora_rank=4)),
+            "every row": replace(base, zo=replace(base.zo, embedding_noise="all"))}
     fingerprint = {name: run_fingerprint(cfg) for name, cfg in runs.items()}
+    # every-row noise adds no key: a server checkpointed before the setting existed still
+    # matches the clients of its run
+    assert "embedding_noise" not in fingerprint["every row"]
     roster = Roster(max_clients=3, min_clients=3, total_steps=4, committed=lambda: 0)
     roster.admit(ClientHello(0, 0, 5, 64), fingerprint["base"])
-    for name, field_name in (("seed", "seed"), ("lora", "client_adapter")):
+    for name, field_name in (("seed", "seed"), ("lora", "client_adapter"),
+                             ("every row", "embedding_noise")):
         with pytest.raises(_Refuse, match=f"already connected train another run .*{field_name}"):
             roster.admit(ClientHello(1, 0, 5, 64), fingerprint[name])
     roster.admit(ClientHello(1, 0, 5, 64), fingerprint["base"])

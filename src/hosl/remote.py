@@ -85,6 +85,10 @@ def run_fingerprint(cfg: TrainConfig) -> dict[str, Any]:
         "task": cfg.data.task,
         "max_length": cfg.data.max_length,
     }
+    if cfg.mode == "hosl" and cfg.embedding_noise() == "batch":
+        # a journal replay draws the embedding's z on the looked-up rows only; absent: every
+        # row (a server from before the setting recorded no key, and its runs drew on every row)
+        run["embedding_noise"] = "batch"
     if cfg.client.lora():  # what θ_c is (and, with the seed, where it starts); absent: no adapter
         a = cfg.client
         run.update(client_adapter=a.adapter, client_lora_rank=a.lora_rank,
