@@ -24,6 +24,8 @@ from hosl.optim import OPTIMIZERS, SCHEDULES
 # that never trains: the baseline that says what the ZO client buys.
 SPLIT_MODES = ("hosl", "fo", "zo", "frozen")
 MODES = (*SPLIT_MODES, "fo-full", "zo-full")
+# The modes with a ZO party: what Q, ε and the embedding noise can change.
+ZO_MODES = ("hosl", "zo", "zo-full")
 # How the hosl client's projected gradients are read: `losses`, the paper's 2Q server losses, or
 # `cut-grad`, ⟨∂L/∂h, h⁺ − h⁻⟩/2ε from the server's one ∂L/∂h at the clean h.
 ESTIMATORS = ("losses", "cut-grad")

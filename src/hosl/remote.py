@@ -85,7 +85,7 @@ def run_fingerprint(cfg: TrainConfig) -> dict[str, Any]:
         "task": cfg.data.task,
         "max_length": cfg.data.max_length,
     }
-    if cfg.mode == "hosl" and cfg.embedding_noise() == "batch":
+    if cfg.embedding_noise() == "batch":  # (hosl only)
         # a journal replay draws the embedding's z on the looked-up rows only; absent: every
         # row (a server from before the setting recorded no key, and its runs drew on every row)
         run["embedding_noise"] = "batch"

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hosl.config import MODES, SPLIT_MODES, TrainConfig, to_dict
+from hosl.config import MODES, SPLIT_MODES, ZO_MODES, TrainConfig, to_dict
 from hosl.errors import HoslError
 from hosl.plots import Curve, Points, Reference, plot_curves, plot_points
 from hosl.results import effective, flatten, markdown_table, read_run
@@ -31,7 +31,6 @@ CONFIG_KEYS = tuple(flatten(to_dict(TrainConfig())))
 NOT_A_VARIANT = ("seed", "output")  # seeds are averaged; output differs by construction
 SHORT = {"model.split_layer": "k", "zo.q": "Q", "zo.lr": "ZO lr", "zo.eps": "eps",
          "optim.lr": "FO lr", "model.name": "model", "data.task": "task"}
-ZO_MODES = ("hosl", "zo", "zo-full")  # the modes whose cost and accuracy Q can change
 
 
 @dataclass

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from hosl.build import Run
-from hosl.config import TrainConfig
+from hosl.config import ZO_MODES, TrainConfig
 from hosl.memory.measure import peak_rss_bytes
 from hosl.models.lora import trainable_count
 
@@ -64,7 +64,7 @@ def build_summary(
         "split_layer": None if cfg.mode.endswith("-full") else cfg.model.split_layer,
         "q": cfg.zo.q,
         # where the ZO client drew its embedding's noise (zo.embedding_noise, `auto` resolved)
-        "embedding_noise": cfg.embedding_noise() if cfg.mode in ("hosl", "zo", "zo-full") else None,
+        "embedding_noise": cfg.embedding_noise() if cfg.mode in ZO_MODES else None,
         "steps": cfg.steps,
         "batch_size": cfg.batch_size,
         "seed": cfg.seed,

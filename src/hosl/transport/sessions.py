@@ -365,10 +365,10 @@ class Roster:
         the next `CATCH_UP_RECORDS` of them (`catch_up`); it replays them and asks again. A
         client more than `CATCH_UP_RECORDS` behind (a late joiner, a resumed client) is passed
         over while it replays, so it replays a long log holding no turn while the others step,
-        and no turn deadline counts the replay. One fewer behind (it asked after another
-        client's step) keeps its place in line: the order of the turns does not depend on when
-        the requests arrive. A turn brings only the records logged while its client waited for
-        it, at most one per other client."""
+        and no turn deadline counts the replay. A client fewer records behind (it asked after
+        another client's step) keeps its place in line: the order of the turns does not depend
+        on when the requests arrive. A turn brings only the records logged while its client
+        waited for it, at most one per other client."""
         cid = member.id
         with self.cond:
             if self.holder is member:
