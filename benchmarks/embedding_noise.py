@@ -73,7 +73,8 @@ def true_gradient(run: Run, batch: Batch) -> dict[str, torch.Tensor]:
     reply = run.transport.fo_step(FoStepRequest(step=0, micro=0, update=False, batch=cut(batch),
                                                 hidden=acts.hidden.detach()))
     client.backward(acts, reply.grad)
-    grads = {n: p.grad.detach().clone() for n, p in client.part.named_parameters()}
+    grads = {n: p.grad.detach().clone() for n, p in client.part.named_parameters()
+             if p.grad is not None}  # frozen tensors (the base under an adapter) have none
     client.part.zero_grad(set_to_none=True)
     if run.server is not None:
         run.server.part.zero_grad(set_to_none=True)
@@ -106,8 +107,8 @@ def one_step(run: Run, start: dict[str, torch.Tensor], batch: Batch, step: int
     seconds = time.perf_counter() - began
     with torch.no_grad():
         delta = {n: params[n].detach() - start[n] for n in start}
-        for n, p in params.items():
-            p.copy_(start[n])
+        for n in start:  # the trainable tensors: only they move
+            params[n].copy_(start[n])
     return delta, seconds
 
 
