@@ -10,7 +10,8 @@
    Target: at Q = 4, cut-grad ≤ 0.6x the time of losses.
 2. **Over loopback gRPC**, client and server in separate processes (`hosl serve` subprocesses):
    `hosl` + `cut-grad` at Q = 1, whose client runs its two perturbed forwards while the server
-   backpropagates, against `fo`, interleaved the same way. Target: cut-grad ≤ fo.
+   backpropagates, against `fo`, interleaved the same way. Target: cut-grad ≤ fo, with hosl's
+   default row-sparse embedding noise (every-row noise beside it).
 
 `--parts in-process grpc` (the default: both) runs either part alone; each part's results are
 merged into step_time.json as soon as it ends, so one part's figures survive a failure in the
@@ -163,9 +164,9 @@ def measure_grpc(base: Any, grpc_repeats: int, model: str = MODEL,
     with ExitStack() as stack:
         remote_runs = {}
         for name, cfg in (
-            ("hosl cut-grad Q=1", config("hosl", 1, "cut-grad", model)),
-            # row-sparse embedding noise: the client's update no longer draws (V, d) noise
-            ("hosl cut-grad Q=1, batch noise", config("hosl", 1, "cut-grad", model, "batch")),
+            # row-sparse embedding noise, hosl's default: no (V, d) noise is ever drawn
+            ("hosl cut-grad Q=1", config("hosl", 1, "cut-grad", model, "batch")),
+            ("hosl cut-grad Q=1, every-row noise", config("hosl", 1, "cut-grad", model)),
             ("fo", config("fo", model=model)),
         ):
             tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
