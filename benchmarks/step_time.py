@@ -11,7 +11,9 @@
 2. **Over loopback gRPC**, client and server in separate processes (`hosl serve` subprocesses):
    `hosl` + `cut-grad` at Q = 1, whose client runs its two perturbed forwards while the server
    backpropagates, against `fo`, interleaved the same way. Target: cut-grad ≤ fo, with hosl's
-   default row-sparse embedding noise (every-row noise beside it).
+   default row-sparse embedding noise (every-row noise beside it). Client and server stand for
+   two machines: on one machine give each process a core of its own (`OMP_NUM_THREADS=1`, which
+   the servers inherit); with more threads than cores the overlap only makes them contend.
 
 `--parts in-process grpc` (the default: both) runs either part alone; each part's results are
 merged into step_time.json as soon as it ends, so one part's figures survive a failure in the

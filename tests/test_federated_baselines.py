@@ -33,6 +33,7 @@ from hosl.federated.records import replay
 from hosl.federated.run import FederatedRun, federate
 from hosl.models.split import split_model
 from hosl.sweep import plan_sweep
+from hosl.transport.sessions import Roster
 from hosl.zo import ZoTarget
 
 TRAIN = sentiment_examples(30, seed=7)
@@ -217,6 +218,10 @@ def test_zo_clients_and_the_zo_server_are_both_records(tokenizer, schedule) -> N
     report = run.report(6, [ex.label for ex in TRAIN], None)
     assert report["sync"] == "records" and report["server_log_bytes"] == run.server_log.nbytes()
     assert 0 < report["sync_bytes_per_client_round"] < report["fedavg_bytes_per_client_round"]
+    # a networked server's clients.json reads like this entry: every key of it, plus its own
+    networked = Roster(max_clients=3, min_clients=1, total_steps=6, committed=lambda: 0).report()
+    assert set(report) <= set(networked) and set(networked) - set(report) == {"ids", "networked"}
+    assert networked["sync"] == "records"
 
 
 def test_frozen_clients_move_no_bytes_and_no_parameters(tokenizer) -> None:

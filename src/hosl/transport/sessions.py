@@ -562,8 +562,13 @@ class Roster:
                            else -(-participations // len(books)) if books else 0),
                 "sizes": [self.sizes.get(i, 0) for i in ids],
                 "label_skew": None,  # each client's labels stay on its own machine
+                "sync": "records",  # a many-client server relays records; it serves no SplitFed
                 "log_records": len(self.sync.log),
                 "log_bytes": self.sync.log.nbytes(),
+                # a ZO server's own updates stay on the server: no client replays them, so no
+                # log of them is kept (in process one is, for a ZO-ZO run's checkpoint)
+                "server_log_records": None,
+                "server_log_bytes": None,
                 "sync_bytes_per_client_round": (
                     sync_bytes / participations if participations else 0
                 ),
