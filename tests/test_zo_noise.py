@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from hosl.zo import noise_for, perturbation_seed, row_noise, tensor_seed
+from hosl.zo.cpu_noise import loops, tensor_path
 from hosl.zo.seeds import _hash_key
 
 # --- an independent pure-Python reference of the scheme (see hosl.zo.seeds' docstring) ----------
@@ -86,6 +87,40 @@ def test_keys_and_normals_match_the_pure_python_reference() -> None:
         rows = row_noise(torch.empty(37, 11), seed, name, torch.tensor([5]))
         want = torch.tensor([[ref_normal(key, i) for i in range(55, 66)]])
         torch.testing.assert_close(rows, want, rtol=1e-5, atol=2e-5)
+
+
+# --- the compiled CPU loops ---------------------------------------------------------------------
+
+
+def test_the_compiled_loops_are_installed() -> None:
+    """numba is a dependency: without it noise is made by tensor operations, the same bits about
+    3x slower (benchmarks/results/noise.md), which nobody would notice but in their step times."""
+    assert loops() is not None
+
+
+# sizes around the pass boundaries (4,096-element minimum, 2**17 maximum, odd counts), rows of
+# even and odd widths, a whole matrix walked in lean chunks
+WHOLE = [(1,), (3,), (37, 11), (4097,), (2**17 + 3,), (1000, 577)]
+ROWS = [((1000, 576), [0, 5, 999, 5]), ((1000, 577), [1, 2, 3, 998]), ((4000, 77), range(4000))]
+
+
+@pytest.mark.parametrize("shape", WHOLE)
+def test_compiled_loops_give_the_tensor_operations_bits_for_whole_tensors(shape) -> None:
+    for seed, name in [(0, "w"), (2**63 - 1, "model.layers.3.mlp.up_proj.weight")]:
+        fast = noise_for(torch.empty(shape), seed, name)
+        with tensor_path():
+            slow = noise_for(torch.empty(shape), seed, name)
+        assert torch.equal(fast, slow), (shape, seed)
+
+
+@pytest.mark.parametrize(("shape", "rows"), ROWS)
+@pytest.mark.parametrize("lean", [False, True])
+def test_compiled_loops_give_the_tensor_operations_bits_for_rows(shape, rows, lean) -> None:
+    ids = rows if isinstance(rows, range) else torch.tensor(rows)
+    fast = row_noise(torch.empty(shape), 9, "e", ids, lean)
+    with tensor_path():
+        slow = row_noise(torch.empty(shape), 9, "e", ids, lean)
+    assert torch.equal(fast, slow)
 
 
 # --- distribution ------------------------------------------------------------------------------
