@@ -4,9 +4,9 @@ A ZO step regenerates z for every perturbed parameter three times (h⁺, h⁻ an
 large client dimensions noise generation is most of a step's time on a CPU. The portable path
 (`seeds._normals_torch_`) runs the hash as some 25 int64 tensor operations per pass, each a trip
 through memory; here the hash and the uniforms it yields are one compiled loop (numba) that keeps
-each word in a register. Only the transcendental functions stay with torch: its vectorised log,
-sqrt, cos and sin are not correctly rounded (sqrt included), so any other implementation would
-differ from them in the last bit of some elements. What the loops compute is exact in both:
+each word in a register. log, sqrt, cos and sin stay with torch: its vectorised versions need not
+be correctly rounded (its float32 sqrt differed in the last bit from an IEEE one on some elements),
+so any other implementation would change some bits of z. What the loops compute is exact in both:
 
 - the splitmix64 rounds, on unsigned 64-bit words (the logical shifts the tensor path emulates);
 - u1 = 1 − k1·2⁻²⁴ and θ = k2·(2π·2⁻²⁴) in float32, from 24-bit integers (exactly representable;
