@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import json
 import os
 import statistics
 import sys
@@ -43,7 +42,7 @@ from typing import Any
 
 import torch
 from embedding_noise import cosine, one_step, true_gradient
-from machine_info import machine, run_lines
+from machine_info import finish, machine, run_lines
 
 from hosl.batching import collate
 from hosl.build import Run, build_run
@@ -191,13 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     result["measurements"] = measure(args.split, args.qs, args.batches)
     result["summary"] = summarise(result["measurements"])
-    result["wall_seconds"] = round(time.perf_counter() - started)
-    result["load_average"] = {"start": load_start, "end": round(os.getloadavg()[0], 1)}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "client_signal.json").write_text(json.dumps(result, indent=2) + "\n")
-    markdown = write_markdown(result)
-    (args.out / "client_signal.md").write_text(markdown)
-    print(markdown)
+    finish(result, started, load_start, args.out, "client_signal", write_markdown)
     return 0
 
 

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from machine_info import machine, run_lines
+from machine_info import finish, machine, run_lines
 
 from hosl.algos.split_modes import cut
 from hosl.batching import Batch, collate
@@ -224,13 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     result["measurements"] = measure(args.batches, args.q)
     result["summary"] = summarise(result["measurements"])
-    result["wall_seconds"] = round(time.perf_counter() - started)
-    result["load_average"] = {"start": load_start, "end": round(os.getloadavg()[0], 1)}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "embedding_noise.json").write_text(json.dumps(result, indent=2) + "\n")
-    markdown = write_markdown(result)
-    (args.out / "embedding_noise.md").write_text(markdown)
-    print(markdown)
+    finish(result, started, load_start, args.out, "embedding_noise", write_markdown)
     return 0
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,3 +48,16 @@ def run_lines(result: dict[str, Any], shared: bool = False) -> list[str]:
         + f"1-minute load average {load['start']} at the start, {load['end']} at the end.",
         f"- Date: {result['date']}; wall time {result['wall_seconds']} s.",
     ]
+
+
+def finish(result: dict[str, Any], started: float, load_start: float, out: Path, name: str,
+           render: Callable[[dict[str, Any]], str]) -> None:
+    """Stamp `result` with its wall time (since `started`, a perf_counter) and the 1-minute load
+    average at its start and now, write <out>/<name>.json and <name>.md (`render`), print it."""
+    result["wall_seconds"] = round(time.perf_counter() - started)
+    result["load_average"] = {"start": load_start, "end": round(os.getloadavg()[0], 1)}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    markdown = render(result)
+    (out / f"{name}.md").write_text(markdown)
+    print(markdown)
