@@ -93,8 +93,8 @@ def test_keys_and_normals_match_the_pure_python_reference() -> None:
 
 
 def test_the_compiled_loops_are_installed() -> None:
-    """numba is a dependency: without it noise is made by tensor operations, the same bits about
-    3x slower (benchmarks/results/noise.md), which nobody would notice but in their step times."""
+    """numba is a dependency: without it noise is made by tensor operations, the same bits 1.5-1.8x
+    slower (benchmarks/results/noise.md), which nobody would notice but in their step times."""
     assert loops() is not None
 
 

@@ -170,7 +170,7 @@ def _normals_(words: torch.Tensor, key2: int, scratch: _Scratch) -> None:
 
     `words.view(torch.float32)` afterwards holds z[2j], z[2j + 1] for each pair index j. On the
     CPU the hash runs as compiled loops where numba is installed (`hosl.zo.cpu_noise`, the same
-    bits, about 3x faster); elsewhere as tensor operations.
+    bits, 1.5-1.8x faster: benchmarks/results/noise.md); elsewhere as tensor operations.
     """
     word, r, theta = scratch.take(words.numel())
     if words.device.type == "cpu" and normals_(
