@@ -14,14 +14,16 @@ options, instead of transformers' minute of retries and a long traceback.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -203,7 +205,7 @@ def _convert_into_cache(gguf: Path, target: Path, *, source: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     logger.info("converting %s to a float checkpoint in %s (once)", gguf, target)
-    with _quiet_transformers():
+    with _quiet_transformers(), _stderr_kept_unless_failing():
         try:
             # dequantize=True: plain nn.Linear float weights even where GGUF matmul kernels are
             # installed, so the copy is trainable and loads as an ordinary checkpoint.
@@ -341,6 +343,20 @@ def _hub_unreachable_reason(hub_id: str) -> str | None:
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+@contextmanager
+def _stderr_kept_unless_failing() -> Iterator[None]:
+    """Hold back what is written to stderr (transformers' GGUF reader draws its own progress bar,
+    which the switches of `_quiet_transformers` do not reach: a few seconds of a local
+    conversion); if the block fails, what it wrote is shown before the error propagates."""
+    held = io.StringIO()
+    try:
+        with redirect_stderr(held):
+            yield
+    except BaseException:
+        sys.stderr.write(held.getvalue())
+        raise
 
 
 @contextmanager
