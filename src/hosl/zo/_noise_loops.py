@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
 import numba
 import numpy as np
 
-_U_BITS = 24  # as in hosl.zo.seeds
-_MIX1, _MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
-_S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
-_TOP, _MASK = np.uint64(64 - _U_BITS), np.uint64((1 << _U_BITS) - 1)
-_MINUS_SCALE = np.float32(-(2.0**-_U_BITS))
-_ONE = np.float32(1.0)
-_TURN = np.float32(2.0 * math.pi * 2.0**-_U_BITS)  # the float32 torch multiplies θ's integer by
+from hosl.zo import seeds
 
+# the tensor path's constants, as numba constants
+_MIX1, _MIX2 = np.uint64(seeds._MIX1), np.uint64(seeds._MIX2)
+_S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
+_TOP, _MASK = np.uint64(64 - seeds._U_BITS), np.uint64(seeds._U_MASK)
+_MINUS_SCALE = np.float32(-seeds._U_SCALE)
+_ONE = np.float32(1.0)
+_TURN = np.float32(seeds._THETA_SCALE)  # the float32 torch multiplies θ's integer by
 
 def _jit(func: Callable[..., Any]) -> Callable[..., Any]:
     """Compiled once per installation where numba can cache (the package's folder or a user

@@ -20,14 +20,14 @@ runs: the same values, slower.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import ModuleType
 
+import numpy as np
 import torch
 
-_LOOPS: ModuleType | None = None
-_UNAVAILABLE = False
 _OFF = False  # set by `tensor_path()`
 
 
@@ -43,17 +43,14 @@ def tensor_path() -> Iterator[None]:
         _OFF = before
 
 
+@functools.cache
 def loops() -> ModuleType | None:
     """The compiled loops (`hosl.zo._noise_loops`), or None where numba is not installed."""
-    global _LOOPS, _UNAVAILABLE
-    if _LOOPS is None and not _UNAVAILABLE:
-        try:
-            from hosl.zo import _noise_loops
-        except ImportError:
-            _UNAVAILABLE = True
-        else:
-            _LOOPS = _noise_loops
-    return _LOOPS
+    try:
+        from hosl.zo import _noise_loops
+    except ImportError:
+        return None
+    return _noise_loops
 
 
 def normals_(words: torch.Tensor, key2: int, u1: torch.Tensor, theta: torch.Tensor,
@@ -64,8 +61,6 @@ def normals_(words: torch.Tensor, key2: int, u1: torch.Tensor, theta: torch.Tens
     compiled = None if _OFF else loops()
     if compiled is None:
         return False
-    import numpy as np
-
     compiled.uniforms(words.numpy(), np.uint64(key2 % (1 << 64)), u1.numpy(), theta.numpy())
     r = u1.log_().mul_(-2.0).sqrt_()  # torch's own log and sqrt: the tensor path's bits
     torch.cos(theta, out=cos)

@@ -57,6 +57,7 @@ _KEY2_SALT = 0x6A09E667F3BCC909
 _U_BITS = 24
 _U_MASK = (1 << _U_BITS) - 1
 _U_SCALE = 2.0**-_U_BITS
+_THETA_SCALE = 2.0 * math.pi * _U_SCALE  # θ = 2π·k2·2⁻²⁴
 # Rows of a row-wise tensor are regenerated in chunks of about this many elements (4 MB fp32).
 ROW_CHUNK_ELEMENTS = 1 << 20
 # Elements generated per vectorised pass: the working set is ~8 bytes per element of a pass on top
@@ -193,7 +194,7 @@ def _normals_torch_(words: torch.Tensor, key2: int, scratch: _Scratch) -> None:
     r.mul_(-_U_SCALE).add_(1.0).log_().mul_(-2.0).sqrt_()
     torch.bitwise_and(words, _U_MASK, out=word)
     theta.copy_(word)
-    theta.mul_(2.0 * math.pi * _U_SCALE)
+    theta.mul_(_THETA_SCALE)
     out = words.view(torch.float32).view(-1, 2)  # the hashes are no longer needed
     cos_or_sin = word.view(torch.float32)[: words.numel()]
     torch.cos(theta, out=cos_or_sin)
