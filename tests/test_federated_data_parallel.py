@@ -14,16 +14,13 @@ what any broken scaling or missing all-reduce gives (checked: ≥ 1e-3 here).
 
 from __future__ import annotations
 
-import os
 import sys
-import time
+import threading
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from conftest import WORDS, tiny_llama
 from hosl.algos.split_modes import cut
@@ -35,8 +32,7 @@ from hosl.protocol import FoStepRequest
 
 SHARDS = (3, 2)  # examples on rank 0 and rank 1
 LENGTH, STEPS, LR = 8, 2, 0.5
-TIMEOUT_S = 60.0  # per collective; a healthy run takes a few seconds once started
-START_S = 120.0  # two fresh interpreters importing torch on a loaded 2-core machine
+TIMEOUT_S = 60.0  # per collective; a healthy run takes about a second
 
 
 def _shard(step: int, rank: int) -> Batch:
@@ -72,43 +68,56 @@ def _hidden(client, batch: Batch) -> torch.Tensor:
     return hidden.clone()  # outside inference mode: a tensor that can require grad
 
 
-def _rank(rank: int, world: int, init_file: str, out: str) -> None:
-    """One rank: its replica, `STEPS` steps on its shard of each step's batch."""
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world, timeout=timedelta(seconds=TIMEOUT_S))
+def _gloo_group(store: dist.Store, rank: int, world: int) -> dist.ProcessGroup:
+    """Rank `rank`'s gloo group over a store shared in memory: what `init_process_group` builds,
+    without making it this process's default group, so that each of several threads of one
+    process can hold its own rank. (`ProcessGroupGloo` alone is a backend, not a group, in this
+    torch: DDP wants the group wrapping it.) Gloo still moves the tensors over TCP on `lo`."""
+    group = dist.ProcessGroup(store, rank, world)
+    gloo = dist.ProcessGroupGloo(store, rank, world, timedelta(seconds=TIMEOUT_S))
+    group._set_default_backend(dist.ProcessGroup.BackendType.GLOO)
+    group._register_backend(torch.device("cpu"), dist.ProcessGroup.BackendType.GLOO, gloo)
+    return group
+
+
+def _rank(rank: int, world: int, store: dist.Store, parts: tuple, out: dict[int, object]) -> None:
+    """One rank: its replica, `STEPS` steps on its shard of each step's batch; its final θ_s and
+    returned gradients (or the exception it raised) in out[rank]."""
     try:
-        client, server = _parts()
-        replica = DataParallelServer(server, torch.optim.SGD(server.parameters(), lr=LR))
+        group = _gloo_group(dist.PrefixStore("data-parallel", store), rank, world)
+        client, server = parts
+        replica = DataParallelServer(server, torch.optim.SGD(server.parameters(), lr=LR), group)
         grads = []
         for step in range(STEPS):
             batch = _shard(step, rank)
             _, grad = replica.fo_step(_hidden(client, batch), cut(batch))
             grads.append(grad)
-        torch.save({"params": [p.detach() for p in server.parameters()], "grads": grads},
-                   Path(out) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+        out[rank] = {"params": [p.detach() for p in server.parameters()], "grads": grads}
+    except BaseException as error:  # noqa: BLE001  (re-raised by the test's thread)
+        out[rank] = error
 
 
-def _run_ranks(tmp_path: Path, world: int = 2) -> list[dict]:
-    # spawn, not fork: a pytest-xdist worker that forks carries whatever earlier tests left
-    # running in it (gRPC servers' threads, OpenMP pools), and a forked rank hung on that in CI.
-    # A spawned rank starts a fresh interpreter and re-imports torch (seconds, tens of seconds on
-    # a loaded 2-core machine: hence the start allowance in the deadline below).
-    ctx = mp.start_processes(_rank, args=(world, str(tmp_path / "init"), str(tmp_path)),
-                             nprocs=world, join=False, start_method="spawn")
-    deadline = time.monotonic() + START_S + TIMEOUT_S
-    try:
-        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the {world} ranks did not finish in {START_S + TIMEOUT_S} s")
-    finally:
-        for process in ctx.processes:
-            if process.is_alive():
-                process.terminate()
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
+def _run_ranks(world: int = 2) -> list[dict]:
+    # Threads of this process, not processes: ranks forked from a pytest-xdist worker hung in CI
+    # on what earlier tests left running there, and spawned ones (fresh interpreters, each
+    # importing torch and transformers) once overran a 180 s deadline on a loaded 2-core machine.
+    # The ranks' collectives release the GIL while they wait, so two threads make progress.
+    store = dist.HashStore()
+    out: dict[int, object] = {}
+    # built here, one after the other: model initialisation draws from torch's global generator,
+    # which two threads building at once would interleave
+    parts = [_parts() for _ in range(world)]
+    threads = [threading.Thread(target=_rank, args=(r, world, store, parts[r], out), daemon=True)
+               for r in range(world)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=2 * TIMEOUT_S)
+        assert not thread.is_alive(), f"a rank did not finish in {2 * TIMEOUT_S} s"
+    for rank in range(world):
+        if isinstance(out[rank], BaseException):
+            raise out[rank]
+    return [out[r] for r in range(world)]
 
 
 def _one_process() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -127,8 +136,9 @@ def _one_process() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
 
 @pytest.mark.skipif(not dist.is_available() or sys.platform != "linux",
                     reason="needs torch.distributed with gloo and the loopback device lo")
-def test_two_ranks_end_at_the_parameters_of_one_process(tmp_path) -> None:
-    ranks = _run_ranks(tmp_path)
+def test_two_ranks_end_at_the_parameters_of_one_process(monkeypatch) -> None:
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")  # both ranks on the loopback device
+    ranks = _run_ranks()
     params, grads = _one_process()
     # the replicas took the same averaged step: bitwise the same θ_s
     for p0, p1 in zip(ranks[0]["params"], ranks[1]["params"]):
