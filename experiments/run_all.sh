@@ -19,6 +19,16 @@ studies=("$@")
 
 for study in "${studies[@]}"; do
   sweep="experiments/$study.yaml"
+  # A fresh clone has no runs/: the runs committed under experiments/results count as finished
+  # (they hold summary.json), so a study that spans sessions neither trains them again nor, in
+  # the copy below, loses them.
+  for run in experiments/results/"$study"/runs/*/; do
+    [ -d "$run" ] || continue
+    name=$(basename "$run")
+    if [ ! -e "runs/sweeps/$study/$name" ]; then
+      mkdir -p "runs/sweeps/$study" && cp -r "$run" "runs/sweeps/$study/$name"
+    fi
+  done
   if [ "$study" = split_layer ] && [ ! -e runs/sweeps/split_layer/mode=hosl,model.split_layer=4 ] \
       && [ -f "runs/sweeps/main/mode=hosl,optim.lr=3e-05,seed=0,zo.lr=1e-05/summary.json" ]; then
     # main's hosl seed-0 run has exactly this configuration: reuse it instead of training it again
