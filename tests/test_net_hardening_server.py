@@ -234,3 +234,20 @@ def test_an_unhashable_wire_dtype_is_a_clean_refusal() -> None:
     with serving(cfg) as served:
         hello = {"identity": served.state.identity.to_json(), "wire_dtype": ["float32"]}
         assert "wire dtype must be one of" in str(_hello_call(served, hello))
+
+
+def test_a_client_of_another_seed_than_the_servers_is_refused(tokenizer) -> None:
+    """The server's --seed draws its adapter's initial weights and sampled rounds' clients: a
+    client with another seed is refused even as the first client (no committed step, no run
+    fingerprint yet to compare with), and one with the server's seed trains."""
+    cfg = _cfg("hosl")
+    with serving(cfg, seed=7) as served:
+        with pytest.raises(HoslError, match="server runs with seed 7, the client with seed 0"):
+            _client(cfg, served.address, reconnect_timeout=0)
+        assert served.state.run_fingerprint is None and not served.servicer._busy.locked()
+        run = _client(dataclasses.replace(cfg, seed=7), served.address, reconnect_timeout=0)
+        try:
+            run.train_step(_batches(tokenizer, 0, 1), 0)
+            assert served.state.ledger.committed == 1
+        finally:
+            run.transport.close()

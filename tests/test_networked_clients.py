@@ -719,15 +719,16 @@ def test_books_are_made_for_the_ids_that_join_and_their_number_is_bounded() -> N
 
 
 def test_a_real_server_compares_the_first_clients_with_each_other_and_checks_digests() -> None:
-    """The hello's run fingerprint and log position reach `Roster.admit` over gRPC: with none
-    committed yet, a second client of another run (another seed) is refused, and so is a client
-    whose digest is not the log's."""
+    """The hello's run fingerprint and log position reach `Roster.admit` over gRPC: a client of
+    another seed than the server's is refused even as the first; with none committed yet, a
+    second client of another run (another q) is refused, and so is a client whose digest is not
+    the log's."""
     cfg = _grpc_cfg("hosl")
     model = tiny_llama()
     party = build_run(cfg, model).server
     identity = identity_for("tiny", model.config, 1, cfg.mode, "float32", cfg.grad_accum)
     state = ServerState(party, identity, StepLedger(), hidden_size=32,
-                        log=logging.getLogger("test-server"))
+                        log=logging.getLogger("test-server"), seed=cfg.seed)
     roster = Roster(max_clients=3, min_clients=3, total_steps=4,
                     committed=lambda: state.ledger.committed)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8),
@@ -745,9 +746,13 @@ def test_a_real_server_compares_the_first_clients_with_each_other_and_checks_dig
         transport.connect()
 
     try:
+        with pytest.raises(HoslError, match=f"server runs with seed {cfg.seed}, the client with "
+                                            f"seed {cfg.seed + 1}"):
+            connect(0, replace(cfg, seed=cfg.seed + 1))
+        assert not roster.members and roster.run is None
         connect(0, cfg)
-        with pytest.raises(HoslError, match="already connected train another run .*seed"):
-            connect(1, replace(cfg, seed=1))
+        with pytest.raises(HoslError, match="already connected train another run .*q: server"):
+            connect(1, replace(cfg, zo=replace(cfg.zo, q=cfg.zo.q + 1)))
         with pytest.raises(HoslError, match="not the server's"):
             connect(1, cfg, digest=_digest_of([_record(0, 0)]))
         connect(1, cfg)

@@ -322,6 +322,7 @@ def serve(
         on_session_end=lambda: checkpoint("session ended"),
         frame_limit=opts.max_frame_mb << 20,
         run_fingerprint=fingerprint,
+        seed=cfg.seed,
         bounds=ModelBounds(
             max_positions=getattr(config, "max_position_embeddings", None),
             vocab_size=getattr(config, "vocab_size", None),

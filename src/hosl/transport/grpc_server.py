@@ -105,6 +105,9 @@ class ServerState:
     on_session_end: Callable[[], None] = lambda: None
     frame_limit: int = DEFAULT_FRAME_LIMIT
     run_fingerprint: dict[str, Any] | None = None
+    # the server's own --seed (its adapter's initial weights, sampled rounds' draws): a client
+    # must train with the same one; None: not checked (a server assembled in a test)
+    seed: int | None = None
     bounds: ModelBounds = field(default_factory=ModelBounds)
     hello_timeout: float = 10.0
     idle_timeout: float = 900.0
@@ -189,6 +192,7 @@ class SplitServicer:
                     "this server trains one client at a time; a client with --client-id needs "
                     "`hosl serve --max-clients N`",
                 )
+            self._check_seed(hello["run"])
             if not self._busy.acquire(blocking=False):
                 raise _Refuse(grpc.StatusCode.ABORTED, BUSY)
             acquired = True
@@ -258,6 +262,18 @@ class SplitServicer:
         # "client": a many-client session's id and place in the update log (hosl.transport.sessions)
         return {"identity": identity, "wire_dtype": DTYPES[wire], "run": run,
                 "client": scalars.get("client")}
+
+    def _check_seed(self, run: dict[str, Any]) -> None:
+        """A run has one seed: the server's draws its adapter's initial weights and which clients
+        a sampled round takes, the client's its data order and perturbations. A client of
+        another seed would train a run that no single-process `hosl train` reproduces."""
+        seed = self.state.seed
+        if seed is not None and run.get("seed") != seed:
+            raise _Refuse(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"the server runs with seed {seed}, the client with seed {run.get('seed')!r}: "
+                "a run has one seed; give `hosl serve` and `hosl client` the same --seed",
+            )
 
     def _check_run(self, run: dict[str, Any]) -> None:
         """A server that has committed steps serves only clients of the same run: replaying its

@@ -632,6 +632,7 @@ class MultiClientServicer(SplitServicer):
                 raise _Refuse(grpc.StatusCode.FAILED_PRECONDITION, f"handshake refused: {problem}")
             client = ClientHello.parse(hello.get("client"))
             self.roster.check_token(client.id, presented_token(context.invocation_metadata()))
+            self._check_seed(hello["run"])
             self.roster.admit(client, hello["run"])  # compares its run with the others'
             member = client
             self.state.run_fingerprint = self.roster.run  # what the server's checkpoint keeps
