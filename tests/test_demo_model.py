@@ -7,7 +7,7 @@ import torch
 
 from hosl.build import build_run
 from hosl.config import ModelConfig, TrainConfig
-from hosl.evaluation import evaluate
+from hosl.evaluation import evaluate, length_order
 from hosl.models.loading import load_pretrained
 from hosl.tasks import load_examples
 
@@ -28,7 +28,10 @@ def test_zero_shot_above_chance_and_split_equals_unsplit(tmp_path) -> None:
             return out
 
         accuracies[mode] = evaluate(record, examples, tokenizer, batch_size=20, max_length=64)
-        scores[mode] = torch.cat(batches)
+        by_example = torch.empty(len(examples), 2)
+        # the batches came shortest first
+        by_example[length_order(examples, tokenizer, max_length=64)] = torch.cat(batches)
+        scores[mode] = by_example
     # zero-shot: above chance, and the score margin ranks positive reviews above negative ones
     # far more often than not (the instruct model leans towards " great", so accuracy alone
     # is a weak signal)
