@@ -76,16 +76,20 @@ def _fixed_batch_loss(run, batch) -> float:
 @pytest.mark.parametrize(
     "mode,kw",
     [
-        ("hosl", {}),
+        ("hosl", {"zo_lr": 2e-3}),
         ("fo", {}),
         ("zo", {}),
         ("fo-full", {}),
         ("zo-full", {}),
-        ("hosl", {"grad_accum": 2, "steps": 20}),
+        ("hosl", {"grad_accum": 2, "steps": 20, "zo_lr": 2e-3}),
     ],
 )
 def test_every_mode_lowers_the_training_loss(tokenizer, mode, kw) -> None:
-    cfg = _cfg(mode, **kw)
+    # Rates where every mode descends steadily: at server SGD 0.5 (and client 5e-3) the losses
+    # spiked to 5-6 within a few steps and where `hosl` ended depended on the CPU's float
+    # kernels (ratio 0.31 with AVX2, 1.65 with AVX-512). Here the ratios are 0.013 / 0.008 /
+    # 0.48 / 0.008 / 0.48 / 0.032, the same with either kernel set.
+    cfg = _cfg(mode, **{"lr": 0.1, **kw})
     run = build_run(cfg, tiny_llama(seed=3))
     micro = [
         collate(sentiment_examples(8, seed=10 + m), tokenizer, 16) for m in range(cfg.grad_accum)
