@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from hosl.errors import ConfigError, DataError
+from hosl.federated import partition
 from hosl.federated.partition import (
     label_skew,
     parse_partition,
@@ -92,3 +93,16 @@ def test_too_few_examples_for_the_clients() -> None:
         partition_indices([0, 1, 0], 5, "iid", seed=0)
     with pytest.raises(DataError, match="no example"):
         partition_indices([0] * 6, 6, "dirichlet:0.001", seed=0)
+
+
+def test_strong_skew_over_many_clients_keeps_drawing_until_no_client_is_empty(monkeypatch) -> None:
+    """1000 balanced examples over 16 clients at ALPHA 0.1: about 1 draw in 360 leaves nobody
+    empty. Seed 0 needs more than 100 draws (the old cap, which refused it), and the partition
+    found is a valid one with the skew such a draw has."""
+    labels = [0] * 500 + [1] * 500
+    parts = partition_indices(labels, 16, "dirichlet:0.1", seed=0)
+    assert all(parts) and sorted(i for part in parts for i in part) == list(range(1000))
+    assert label_skew(labels, parts) > 0.3  # most clients hold mostly one label
+    monkeypatch.setattr(partition, "DIRICHLET_TRIES", 100)
+    with pytest.raises(DataError, match="no example in 100 draws"):
+        partition_indices(labels, 16, "dirichlet:0.1", seed=0)

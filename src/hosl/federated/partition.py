@@ -31,8 +31,14 @@ from hosl.errors import ConfigError, DataError
 from hosl.tasks.base import Example
 from hosl.zo.seeds import tensor_seed
 
-# A Dirichlet draw that leaves a client empty is redrawn at most this many times.
-DIRICHLET_TRIES = 100
+# A Dirichlet draw that leaves a client empty is redrawn at most this many times. Strong skew over
+# many clients rarely leaves every client something: 1000 examples of two labels over 16 clients
+# at ALPHA 0.1 succeed in 0.28% of draws (the first success came at draw 84 for seed 0, 104 for
+# seed 1), so a cap of 100 refused half the seeds; 10,000 fails such a case with probability
+# e^-28 and costs under a second when nothing fits. Taking the first success samples the
+# Dirichlet partition conditioned on no client being empty, and a cap raised later changes no
+# partition drawn before (the draws are the same stream).
+DIRICHLET_TRIES = 10_000
 CLIENT_DIR = "clients"
 
 
