@@ -132,7 +132,8 @@ def render(result: dict) -> str:
         f"`{result['command']}` on {describe(result['machine'])}. SmolLM2-135M split at "
         f"{SPLIT}, `rt`, batch {BATCH} × ≤ {LENGTH} tokens, IID, parallel schedule, each mode "
         "at `experiments/clients.yaml`'s rates; one round after a warm-up step, configurations in "
-        f"turn, {result['repeats']} repeat(s) (median; every repeat in the JSON).",
+        f"turn, {result['repeats']} repeat(s) (median; every repeat in the JSON)."
+        + (f" {result['note']}" if result.get("note") else ""),
         "",
         "| mode | N | round s (one core, in process) | server s / round | server s / client "
         "step | sync s / round | client s / step |",
@@ -161,7 +162,16 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["hosl", "fo", "zo"])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "round_time")
+    parser.add_argument("--note", default="", help="what else ran on the machine, etc.")
+    parser.add_argument("--render", action="store_true",
+                        help="measure nothing: rewrite the .md from the .json (and --note)")
     args = parser.parse_args()
+    if args.render:
+        result = json.loads(args.out.with_suffix(".json").read_text())
+        result["note"] = args.note or result.get("note", "")
+        args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+        args.out.with_suffix(".md").write_text(render(result))
+        return
     torch.manual_seed(0)
     base, tokenizer = load_pretrained(args.model)
     train = load_examples("rt", "train", n=1000, seed=0)
@@ -177,7 +187,7 @@ def main() -> None:
         for k, v in {"clients": args.clients, "modes": args.modes,
                      "repeats": args.repeats}.items())
     result = {"model": args.model, "command": command, "repeats": args.repeats, "rows": rows,
-              "machine": machine()}
+              "machine": machine(), "note": args.note}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     args.out.with_suffix(".md").write_text(render(result))
