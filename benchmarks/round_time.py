@@ -50,13 +50,13 @@ RATES = {"hosl": {"lr": 3e-5, "zo_lr": 1e-5}, "fo": {"lr": 3e-5, "zo_lr": 1e-6},
 SERVER_STEPS = ("hosl_step", "fo_step", "zo_step")
 
 
-def config(mode: str, n: int, model: str) -> TrainConfig:
+def config(mode: str, n: int, model: str, noise: str = "all") -> TrainConfig:
     rates = RATES[mode]
     return TrainConfig(
         mode=mode, steps=n + 1, batch_size=BATCH, seed=0, memory_steps=0,
         model=ModelConfig(name=model, split_layer=SPLIT),
         data=DataConfig(task="rt", max_length=LENGTH),
-        zo=ZoConfig(q=1, eps=1e-3, lr=rates["zo_lr"], embedding_noise="all"),
+        zo=ZoConfig(q=1, eps=1e-3, lr=rates["zo_lr"], embedding_noise=noise),
         optim=OptimConfig(optimizer="adamw", lr=rates["lr"]),
         clients=ClientsConfig(n=n, schedule="parallel"),
     )
@@ -95,9 +95,9 @@ def instrument(run: FederatedRun) -> tuple[Stopwatch, Stopwatch]:
 
 
 def one_round(mode: str, n: int, model_name: str, base: torch.nn.Module, tokenizer: Any,
-              train: list) -> dict[str, float]:
+              train: list, noise: str = "all") -> dict[str, float]:
     """Build `mode` with `n` clients from `base`'s weights, take a warm-up step, time a round."""
-    cfg = config(mode, n, model_name)
+    cfg = config(mode, n, model_name, noise)
     run = federate(cfg, build_run(cfg, copy.deepcopy(base)), [ex.label for ex in train])
 
     def step(i: int) -> None:
@@ -135,14 +135,15 @@ def render(result: dict) -> str:
         f"turn, {result['repeats']} repeat(s) (median; every repeat in the JSON)."
         + (f" {result['note']}" if result.get("note") else ""),
         "",
-        "| mode | N | round s (one core, in process) | server s / round | server s / client "
-        "step | sync s / round | client s / step |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| mode | embedding noise | N | round s (one core, in process) | server s / round | "
+        "server s / client step | sync s / round | client s / step |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
         m = {k: statistics.median(x[k] for x in r["repeats"]) for k in r["repeats"][0]}
         lines.append(
-            f"| `{r['mode']}` | {r['n']} | {m['round_s']:.1f} | {m['server_s']:.1f} | "
+            f"| `{r['mode']}` | {r.get('noise', 'all')} | {r['n']} | {m['round_s']:.1f} | "
+            f"{m['server_s']:.1f} | "
             f"{m['server_s'] / r['n']:.2f} | {m['sync_s']:.2f} | {m['client_s_per_step']:.2f} |"
         )
     lines += [
@@ -161,6 +162,9 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[4, 16])
     parser.add_argument("--modes", nargs="+", default=["hosl", "fo", "zo"])
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--noises", nargs="+", default=["all"], choices=["all", "batch"],
+                        help="zo.embedding_noise of the ZO modes (the study ran `all`; `batch`, "
+                        "row-sparse, is hosl's default)")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "round_time")
     parser.add_argument("--note", default="", help="what else ran on the machine, etc.")
     parser.add_argument("--render", action="store_true",
@@ -175,16 +179,17 @@ def main() -> None:
     torch.manual_seed(0)
     base, tokenizer = load_pretrained(args.model)
     train = load_examples("rt", "train", n=1000, seed=0)
-    rows = [{"mode": m, "n": n, "repeats": []} for n in args.clients for m in args.modes]
+    rows = [{"mode": m, "noise": noise, "n": n, "repeats": []} for n in args.clients
+            for m in args.modes for noise in (["all"] if m == "fo" else args.noises)]
     for repeat in range(args.repeats):
         for row in rows:
             row["repeats"].append(one_round(row["mode"], row["n"], args.model, base, tokenizer,
-                                            train))
-            print(f"repeat {repeat} {row['mode']} N={row['n']}: "
+                                            train, row["noise"]))
+            print(f"repeat {repeat} {row['mode']} {row['noise']} N={row['n']}: "
                   + ", ".join(f"{k} {v:.2f}" for k, v in row["repeats"][-1].items()), flush=True)
     command = "python benchmarks/round_time.py " + " ".join(
         f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-        for k, v in {"clients": args.clients, "modes": args.modes,
+        for k, v in {"clients": args.clients, "modes": args.modes, "noises": args.noises,
                      "repeats": args.repeats}.items())
     result = {"model": args.model, "command": command, "repeats": args.repeats, "rows": rows,
               "machine": machine(), "note": args.note}
