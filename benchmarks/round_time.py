@@ -156,6 +156,13 @@ def render(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def save(result: dict, out: Path) -> None:
+    """Write the measurements (`out`.json) and the table rendered from them (`out`.md)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    out.with_suffix(".md").write_text(render(result))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -173,8 +180,7 @@ def main() -> None:
     if args.render:
         result = json.loads(args.out.with_suffix(".json").read_text())
         result["note"] = args.note or result.get("note", "")
-        args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-        args.out.with_suffix(".md").write_text(render(result))
+        save(result, args.out)
         return
     torch.manual_seed(0)
     base, tokenizer = load_pretrained(args.model)
@@ -193,9 +199,7 @@ def main() -> None:
                      "repeats": args.repeats}.items())
     result = {"model": args.model, "command": command, "repeats": args.repeats, "rows": rows,
               "machine": machine(), "note": args.note}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(render(result))
+    save(result, args.out)
     print(render(result))
 
 
