@@ -33,6 +33,11 @@ from hosl.protocol import FoStepRequest
 SHARDS = (3, 2)  # examples on rank 0 and rank 1
 LENGTH, STEPS, LR = 8, 2, 0.5
 TIMEOUT_S = 60.0  # per collective; a healthy run takes about a second
+# Every rank's DDP replica and gloo group, kept until the process exits. A rank thread that drops
+# them on its way out destroys its gloo group while holding the GIL; the destructor joins gloo's
+# worker thread, which may still need the GIL to release its last Python object: a deadlock that
+# hung the suite (rank 1 in ~ProcessGroupGloo, its worker waiting for the GIL, rank 0 too).
+_ALIVE: list[object] = []
 
 
 def _shard(step: int, rank: int) -> Batch:
@@ -87,6 +92,7 @@ def _rank(rank: int, world: int, store: dist.Store, parts: tuple, out: dict[int,
         group = _gloo_group(dist.PrefixStore("data-parallel", store), rank, world)
         client, server = parts
         replica = DataParallelServer(server, torch.optim.SGD(server.parameters(), lr=LR), group)
+        _ALIVE.append((replica, group))  # never destroyed on this thread, even on an error
         grads = []
         for step in range(STEPS):
             batch = _shard(step, rank)
